@@ -1,0 +1,39 @@
+# Two commands a learner needs: `make lab` and `make test`. Each creates .venv if missing.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.moe_lab-installed
+JOBS ?= 2
+# Notebooks run in parallel workers; one BLAS thread each keeps 2 cores from thrashing.
+TEST_ENV := MOE_LAB_PROFILE=ci OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 MPLBACKEND=Agg
+
+.PHONY: install lab test unit notebooks bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e '.[course,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lab: install
+	$(BIN)/jupyter lab notebooks/
+
+test: install
+	$(TEST_ENV) $(BIN)/python -m pytest -n $(JOBS) --dist loadfile --nbval-lax --nbval-current-env tests notebooks
+
+unit: install
+	$(TEST_ENV) $(BIN)/python -m pytest -n $(JOBS) tests
+
+notebooks: install
+	$(TEST_ENV) $(BIN)/python -m pytest -n $(JOBS) --dist loadfile --nbval-lax --nbval-current-env notebooks
+
+bench: install
+	$(BIN)/python bench/dispatch.py
+
+lint: install
+	$(BIN)/ruff check moe_lab tests bench
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,47 @@
+"""A linear layer stored as two thin factors (slide 9)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from moe_lab._checks import last_dim, positive_int
+
+
+class LowRankLinear(nn.Module):
+    """``y = V(U(x))`` with ``U: in -> rank`` (no bias) and ``V: rank -> out``.
+
+    Stores ``rank * (in + out) + out`` numbers instead of ``in * out + out``, so it is smaller
+    than ``nn.Linear`` only when ``rank < in * out / (in + out)``. Attribute names ``U`` and
+    ``V`` follow the deck's ``LowRankExpert``.
+
+    Shapes: ``x`` is ``(..., in_features)``; the result is ``(..., out_features)``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True):
+        super().__init__()
+        positive_int("in_features", in_features)
+        positive_int("out_features", out_features)
+        positive_int("rank", rank)
+        if rank > min(in_features, out_features):
+            raise ValueError(f"rank must be <= min(in_features, out_features) = "
+                             f"{min(in_features, out_features)}, got {rank}")
+        self.config = dict(in_features=in_features, out_features=out_features, rank=rank, bias=bias)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        self.U = nn.Linear(in_features, rank, bias=False)
+        self.V = nn.Linear(rank, out_features, bias=bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The full ``(out_features, in_features)`` matrix ``V.weight @ U.weight``."""
+        return self.V.weight @ self.U.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.V.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        last_dim("x", x, self.in_features)
+        return self.V(self.U(x))

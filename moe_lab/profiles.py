@@ -1,0 +1,56 @@
+"""Every size the course uses, in one place, for two profiles.
+
+``default`` is for a learner's 2-core laptop (each notebook in a few minutes); ``ci`` shrinks
+data, models and epochs so the whole course executes in CI. Select one with the environment
+variable ``MOE_LAB_PROFILE`` (read when :func:`get_profile` is called, never on import) or
+by name.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Sizes for one run of the course. All counts are per run, not per class unless named."""
+
+    name: str
+    # synthetic clustered task (notebooks 01-10)
+    synthetic_train: int
+    synthetic_test: int
+    synthetic_epochs: int
+    # dispatch timings in notebooks (tokens)
+    timing_tokens: int
+    # CIFAR-10 subset
+    cifar_train_per_class: int
+    cifar_test_per_class: int
+    cifar_epochs: int
+    # WikiText-2
+    lm_train_tokens: int | None  # None: the whole training split
+    lm_eval_tokens: int | None
+    lm_context: int
+    lm_steps: int
+    batch_size: int = 128
+
+
+PROFILES = {
+    "default": Profile(name="default", synthetic_train=8000, synthetic_test=2000, synthetic_epochs=20,
+                       timing_tokens=4096, cifar_train_per_class=1000, cifar_test_per_class=500,
+                       cifar_epochs=15, lm_train_tokens=None, lm_eval_tokens=None, lm_context=64,
+                       lm_steps=1500),
+    "ci": Profile(name="ci", synthetic_train=2000, synthetic_test=1000, synthetic_epochs=8,
+                  timing_tokens=1024, cifar_train_per_class=100, cifar_test_per_class=50,
+                  cifar_epochs=2, lm_train_tokens=40_000, lm_eval_tokens=20_000, lm_context=32,
+                  lm_steps=100),
+}
+
+
+def get_profile(name: str | None = None) -> Profile:
+    """The profile called ``name``, or ``$MOE_LAB_PROFILE``, or ``"default"``."""
+    name = name or os.environ.get("MOE_LAB_PROFILE") or "default"
+    if name not in PROFILES:
+        raise ValueError(f"profile must be one of {sorted(PROFILES)} (from MOE_LAB_PROFILE or the "
+                         f"name argument), got {name!r}")
+    return PROFILES[name]

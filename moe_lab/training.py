@@ -1,0 +1,127 @@
+"""Minimal training and evaluation loops for classification and language modelling.
+
+``data`` is either a ``DataLoader`` yielding ``(inputs, targets)`` or a pair of tensors
+``(inputs, targets)`` that is batched here. For a language model the inputs and targets
+are ``(batch, time)`` token ids, the targets shifted by one. Auxiliary router losses of
+:class:`moe_lab.TopKMoE` layers are added to the training loss automatically.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from moe_lab._checks import finite_float, positive_int
+from moe_lab.topk_moe import collect_aux_loss
+
+TASKS = ("classification", "language_model")
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and PyTorch; return a ``torch.Generator`` seeded the same way."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def as_loader(data, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    """A ``DataLoader`` for ``data`` (returned unchanged if it already is one)."""
+    if isinstance(data, DataLoader):
+        return data
+    if not (isinstance(data, (tuple, list)) and len(data) == 2
+            and all(isinstance(t, torch.Tensor) for t in data)):
+        raise TypeError("data must be a DataLoader or a pair of tensors (inputs, targets)")
+    inputs, targets = data
+    if len(inputs) != len(targets):
+        raise ValueError(f"data: {len(inputs)} inputs but {len(targets)} targets")
+    positive_int("batch_size", batch_size)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(TensorDataset(inputs, targets), batch_size=batch_size, shuffle=shuffle,
+                      generator=generator)
+
+
+def task_loss(logits: torch.Tensor, targets: torch.Tensor, task: str) -> torch.Tensor:
+    """Mean cross-entropy; for a language model ``(B, T, V)`` logits are flattened first."""
+    if task == "language_model":
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    if task == "classification":
+        return F.cross_entropy(logits, targets)
+    raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+
+def train(model: nn.Module, data, *, epochs: int = 1, lr: float = 1e-3, batch_size: int = 128,
+          task: str = "classification", weight_decay: float = 0.0, max_steps: int | None = None,
+          seed: int = 0, progress: bool = True, optimizer: torch.optim.Optimizer | None = None
+          ) -> list[float]:
+    """Train ``model`` with AdamW; return the mean training loss of each epoch.
+
+    Stops early after ``max_steps`` optimiser steps if given. The loss includes every
+    ``TopKMoE`` layer's ``aux_loss`` (load balancing, z-loss) for that batch.
+    """
+    positive_int("epochs", epochs)
+    finite_float("lr", lr, minimum=0.0, strict=True)
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    loader = as_loader(data, batch_size, shuffle=True, seed=seed)
+    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    history, steps = [], 0
+    model.train()
+    for epoch in range(epochs):
+        total, count = 0.0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
+        for inputs, targets in bar:
+            loss = task_loss(model(inputs), targets, task)
+            aux = collect_aux_loss(model)
+            optimizer.zero_grad(set_to_none=True)
+            (loss if aux is None else loss + aux).backward()
+            optimizer.step()
+            total += loss.item() * len(inputs)
+            count += len(inputs)
+            steps += 1
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if max_steps is not None and steps >= max_steps:
+                break
+        history.append(total / max(count, 1))
+        if max_steps is not None and steps >= max_steps:
+            break
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data, *, task: str = "classification", batch_size: int = 256
+             ) -> dict[str, float]:
+    """Evaluate ``model`` in eval mode.
+
+    Returns ``{"loss", "accuracy", "n"}`` for classification (accuracy in [0, 1], ``n``
+    examples) or ``{"loss", "perplexity", "n"}`` for a language model (``n`` tokens;
+    perplexity is ``exp`` of the mean per-token cross-entropy).
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    loader = as_loader(data, batch_size, shuffle=False)
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for inputs, targets in loader:
+        logits = model(inputs)
+        n = targets.numel()
+        loss_sum += task_loss(logits, targets, task).item() * n
+        if task == "classification":
+            correct += int((logits.argmax(-1) == targets).sum())
+        count += n
+    model.train(was_training)
+    mean_loss = loss_sum / max(count, 1)
+    if task == "classification":
+        return {"loss": mean_loss, "accuracy": correct / max(count, 1), "n": count}
+    return {"loss": mean_loss, "perplexity": math.exp(mean_loss), "n": count}
