@@ -10,8 +10,7 @@ Importing the package sets no global state (no seeds, threads or warnings filter
 
 from moe_lab.artifact import load, save
 from moe_lab.low_rank import LowRankLinear
-from moe_lab.measure import (active_params_per_token, flops_per_token, latency, model_bytes,
-                             param_count)
+from moe_lab.measure import active_params_per_token, flops_per_token, latency, model_bytes, param_count
 from moe_lab.models import ImageClassifierMoE, LanguageModelMoE
 from moe_lab.profiles import get_profile
 from moe_lab.soft_moe import SharedTrunkMoE, SoftMoE

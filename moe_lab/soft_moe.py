@@ -68,7 +68,8 @@ class SoftMoE(nn.Module):
         gates = self.gate_probs(x)
         flat = x.reshape(-1, x.shape[-1])
         mixed = dense_mixture(flat, gates.reshape(-1, self.num_experts), self.experts, self._act)
-        return self.output(mixed).reshape(*x.shape[:-1], -1)
+        out = self.output(mixed)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 class SharedTrunkMoE(nn.Module):
@@ -107,4 +108,5 @@ class SharedTrunkMoE(nn.Module):
         gates = self.gate_probs(x).reshape(-1, self.num_experts)
         trunk = self.shared_layer(x.reshape(-1, x.shape[-1]))
         mixed = dense_mixture(trunk, gates, self.expert_layers, self._act)
-        return self.output(mixed).reshape(*x.shape[:-1], -1)
+        out = self.output(mixed)
+        return out.reshape(*x.shape[:-1], out.shape[-1])

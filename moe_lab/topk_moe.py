@@ -15,8 +15,15 @@ import torch.nn.functional as F
 
 from moe_lab._checks import finite_float, last_dim, positive_int
 from moe_lab.activations import get_activation
-from moe_lab.routing import (Routing, expert_capacity, load_balancing_loss, noisy_logits,
-                             plan_dispatch, router_z_loss, top_k_routing)
+from moe_lab.routing import (
+    Routing,
+    expert_capacity,
+    load_balancing_loss,
+    noisy_logits,
+    plan_dispatch,
+    router_z_loss,
+    top_k_routing,
+)
 
 
 class TopKMoE(nn.Module):
@@ -124,7 +131,8 @@ class TopKMoE(nn.Module):
         mixed = hidden.new_zeros(flat.shape[0], hidden.shape[1]).index_add_(0, plan.token_index, hidden)
 
         self._record(routing, plan)
-        return self.output(mixed).reshape(*x.shape[:-1], -1)
+        out = self.output(mixed)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def _record(self, routing: Routing, plan) -> None:
         self.load_balancing_loss = self.config["balance_loss_weight"] * load_balancing_loss(
