@@ -20,12 +20,16 @@ def dense_mixture(x: torch.Tensor, gates: torch.Tensor, experts: nn.ModuleList,
                   activation=None) -> torch.Tensor:
     """Return ``sum_e gates[:, e] * act(experts[e](x))`` for ``x`` of shape ``(n, d)``.
 
-    All experts run as one matmul against their concatenated weights, then a batched
-    product with the ``(n, E)`` gates mixes the ``(n, E, h)`` expert outputs into ``(n, h)``.
+    Plain ``nn.Linear`` experts run as one matmul against their concatenated weights; any
+    other expert module (low-rank, quantized...) is called on ``x``. A batched product with
+    the ``(n, E)`` gates then mixes the ``(n, E, h)`` expert outputs into ``(n, h)``.
     """
-    weight = torch.cat([expert.weight for expert in experts])
-    bias = torch.cat([expert.bias for expert in experts])
-    hidden = F.linear(x, weight, bias).view(x.shape[0], len(experts), -1)
+    if all(type(expert) is nn.Linear for expert in experts):
+        weight = torch.cat([expert.weight for expert in experts])
+        bias = torch.cat([expert.bias for expert in experts])
+        hidden = F.linear(x, weight, bias).view(x.shape[0], len(experts), -1)
+    else:
+        hidden = torch.stack([expert(x) for expert in experts], dim=1)
     if activation is not None:
         hidden = activation(hidden)
     return torch.bmm(gates.unsqueeze(1), hidden).squeeze(1)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from moe_lab._checks import finite_float, last_dim, positive_int
 from moe_lab.activations import get_activation
@@ -123,8 +122,7 @@ class TopKMoE(nn.Module):
         plan = plan_dispatch(routing.indices, routing.gates, self.num_experts, capacity)
 
         routed = flat.index_select(0, plan.token_index)
-        hidden = torch.cat([F.linear(chunk, expert.weight, expert.bias)
-                            for expert, chunk in zip(self.experts, routed.split(plan.counts))])
+        hidden = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, routed.split(plan.counts))])
         if self._act is not None:
             hidden = self._act(hidden)
         hidden = hidden * plan.gate.unsqueeze(1)

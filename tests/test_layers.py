@@ -189,3 +189,15 @@ def test_bad_types_and_inputs():
             layer(torch.randn(3, 7))
         with pytest.raises(TypeError, match="x must be a floating-point tensor"):
             layer(torch.ones(3, 8, dtype=torch.long))
+
+
+def test_experts_can_be_any_module_of_the_right_shape():
+    torch.manual_seed(2)
+    topk, soft = TopKMoE(4, 6, 10, 4, k=2), SoftMoE(4, 6, 10, 4)
+    for layer in (topk, soft):
+        layer.experts[1] = LowRankLinear(6, 10, rank=2)
+    x = torch.randn(30, 6)
+    torch.testing.assert_close(topk(x), dense_topk_reference(topk, x), rtol=1e-5, atol=1e-5)
+    gates = soft.gate_probs(x)
+    expected = soft.output(sum(gates[:, e:e + 1] * soft.experts[e](x) for e in range(4)))
+    torch.testing.assert_close(soft(x), expected, rtol=1e-5, atol=1e-5)
