@@ -23,12 +23,14 @@ CONFIG = "config.json"
 
 
 def _loadable_classes() -> dict[str, type[nn.Module]]:
+    from moe_lab.compress.quantize import QuantizedLinear
     from moe_lab.low_rank import LowRankLinear
     from moe_lab.models import ImageClassifierMoE, LanguageModelMoE
     from moe_lab.soft_moe import SharedTrunkMoE, SoftMoE
     from moe_lab.topk_moe import TopKMoE
 
-    classes = [SoftMoE, SharedTrunkMoE, TopKMoE, LowRankLinear, ImageClassifierMoE, LanguageModelMoE]
+    classes = [SoftMoE, SharedTrunkMoE, TopKMoE, LowRankLinear, QuantizedLinear, ImageClassifierMoE,
+               LanguageModelMoE]
     return {cls.__name__: cls for cls in classes}
 
 

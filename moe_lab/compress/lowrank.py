@@ -1,0 +1,50 @@
+"""Low-rank experts initialised from the trained weights by truncated SVD (slide 9 done right).
+
+The deck builds a new, randomly initialised low-rank expert, which throws the trained
+weights away. Here ``W = U S V^T`` is truncated to its ``rank`` largest singular values, the
+best rank-``r`` approximation in Frobenius and spectral norm (Eckart-Young), and split
+evenly: ``LowRankLinear.U.weight = sqrt(S_r) V_r^T`` and ``V.weight = U_r sqrt(S_r)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from moe_lab._checks import finite_float
+from moe_lab.low_rank import LowRankLinear
+
+
+def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:
+    """Smallest rank whose singular values keep ``energy`` (in (0, 1]) of ``sum(s**2)``."""
+    finite_float("energy", energy, minimum=0.0, strict=True)
+    if energy > 1:
+        raise ValueError(f"energy must be <= 1, got {energy}")
+    power = singular_values.double().square()
+    kept = torch.cumsum(power, 0) / power.sum().clamp_min(torch.finfo(torch.float64).tiny)
+    return int(torch.searchsorted(kept, torch.tensor(energy, dtype=kept.dtype) - 1e-12)) + 1
+
+
+def low_rank_from_linear(linear: nn.Linear, rank: int | None = None, *, energy: float | None = None
+                         ) -> LowRankLinear:
+    """A :class:`LowRankLinear` holding the truncated SVD of a trained ``nn.Linear``.
+
+    Give either ``rank`` (1 .. min(out, in)) or ``energy`` (fraction of spectral energy to
+    keep). At full rank the outputs equal the original layer's up to float rounding.
+    """
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+    if (rank is None) == (energy is None):
+        raise ValueError("give exactly one of rank or energy")
+    weight = linear.weight.detach()
+    u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+    if energy is not None:
+        rank = rank_for_energy(s, energy)
+    layer = LowRankLinear(linear.in_features, linear.out_features, rank, bias=linear.bias is not None)
+    root = s[:rank].sqrt()
+    with torch.no_grad():
+        layer.U.weight.copy_((root[:, None] * vh[:rank]).to(weight.dtype))
+        layer.V.weight.copy_((u[:, :rank] * root).to(weight.dtype))
+        if linear.bias is not None:
+            layer.V.bias.copy_(linear.bias.detach())
+    return layer
