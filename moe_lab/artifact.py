@@ -1,9 +1,11 @@
 """Save and load models as a safetensors file plus a JSON config: nothing is unpickled.
 
 An artifact is a folder holding ``model.safetensors`` (every tensor of the ``state_dict``,
-tensors that share storage written once) and ``config.json`` (the class name, its
-constructor arguments and which ``state_dict`` names are aliases of others). Its size on disk
-is what :func:`moe_lab.measure.model_bytes` reports.
+tensors that share storage written once) and ``config.json``: the class name and
+constructor arguments of the model and of every ``moe_lab`` submodule (so a compressed
+model, whose experts were replaced, pruned or quantized, is rebuilt as it was), and which
+``state_dict`` names are aliases of others (re-tied on load). Its size on disk is what
+:func:`moe_lab.measure.model_bytes` reports.
 """
 
 from __future__ import annotations
@@ -24,14 +26,65 @@ CONFIG = "config.json"
 
 def _loadable_classes() -> dict[str, type[nn.Module]]:
     from moe_lab.compress.quantize import QuantizedLinear
+    from moe_lab.compress.sparse import SparseLinear
     from moe_lab.low_rank import LowRankLinear
     from moe_lab.models import ImageClassifierMoE, LanguageModelMoE
     from moe_lab.soft_moe import SharedTrunkMoE, SoftMoE
     from moe_lab.topk_moe import TopKMoE
 
-    classes = [SoftMoE, SharedTrunkMoE, TopKMoE, LowRankLinear, QuantizedLinear, ImageClassifierMoE,
-               LanguageModelMoE]
+    classes = [SoftMoE, SharedTrunkMoE, TopKMoE, LowRankLinear, QuantizedLinear, SparseLinear,
+               ImageClassifierMoE, LanguageModelMoE, nn.Linear]
     return {cls.__name__: cls for cls in classes}
+
+
+def _spec(module: nn.Module) -> dict | None:
+    """``{"class", "config"}`` for a module load() can rebuild, else None."""
+    if type(module) is nn.Linear:
+        return {"class": "Linear", "config": {"in_features": module.in_features,
+                                              "out_features": module.out_features,
+                                              "bias": module.bias is not None}}
+    config = getattr(module, "config", None)
+    if isinstance(config, dict) and type(module).__name__ in _loadable_classes():
+        return {"class": type(module).__name__, "config": config}
+    return None
+
+
+def _build(spec: dict, where: str) -> nn.Module:
+    classes = _loadable_classes()
+    name = spec.get("class") if isinstance(spec, dict) else spec
+    if name not in classes or not isinstance(spec.get("config"), dict):
+        raise ValueError(f"cannot rebuild class {name!r} at {where or 'the root'}: "
+                         f"load() knows {sorted(classes)}")
+    try:
+        return classes[spec["class"]](**spec["config"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"config of {spec['class']} at {where or 'the root'} does not build a model "
+                         f"({error})") from None
+
+
+def _changed_modules(model: nn.Module) -> dict[str, dict]:
+    """Specs of the submodules that differ from what the model's own constructor builds."""
+    root = _spec(model)
+    if root is None:
+        return {}
+    fresh = dict(_build(root, "").named_modules())
+    changed = {}
+    for name, module in model.named_modules():
+        spec = _spec(module)
+        if name and spec is not None and (name not in fresh or _spec(fresh[name]) != spec):
+            changed[name] = spec
+    return changed
+
+
+def _set(root: nn.Module, dotted: str, value) -> None:
+    parent, _, leaf = dotted.rpartition(".")
+    owner = root.get_submodule(parent) if parent else root
+    if isinstance(value, nn.Parameter) or leaf in owner._parameters:
+        owner._parameters[leaf] = value
+    elif leaf in owner._buffers:
+        owner._buffers[leaf] = value
+    else:
+        setattr(owner, leaf, value)
 
 
 def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -62,7 +115,8 @@ def save(model: nn.Module, path: str | Path) -> Path:
     unique, aliases = _dedupe(model.state_dict())
     save_file(unique, str(folder / WEIGHTS), metadata={"format": FORMAT})
     config = {"format": FORMAT, "version": VERSION, "class": type(model).__name__,
-              "config": getattr(model, "config", None), "aliases": aliases}
+              "config": getattr(model, "config", None), "aliases": aliases,
+              "modules": _changed_modules(model)}
     (folder / CONFIG).write_text(json.dumps(config, indent=1, sort_keys=True))
     return folder
 
@@ -80,26 +134,31 @@ def load(path: str | Path) -> nn.Module:
         raise ValueError(f"{folder / CONFIG} is not a {FORMAT} config")
     if config.get("version") != VERSION:
         raise ValueError(f"artifact version {config.get('version')!r} is not supported (expected {VERSION})")
-    classes = _loadable_classes()
-    if config.get("class") not in classes or not isinstance(config.get("config"), dict):
-        raise ValueError(f"cannot rebuild class {config.get('class')!r}: load() knows {sorted(classes)}")
     try:
         tensors = load_file(str(folder / WEIGHTS))
     except FileNotFoundError:
         raise FileNotFoundError(f"no {WEIGHTS} in {folder}") from None
     except (SafetensorError, OSError) as error:
         raise ValueError(f"{folder / WEIGHTS} is damaged or truncated ({error})") from None
+    model = _build({"class": config.get("class"), "config": config.get("config")}, "")
+    # Rebuild submodules that differ from what the constructor made (replaced, pruned, quantized).
+    for name, spec in sorted(config.get("modules", {}).items(), key=lambda item: item[0].count(".")):
+        try:
+            current = model.get_submodule(name)
+        except AttributeError:
+            current = None
+        if current is None or _spec(current) != spec:
+            _set(model, name, _build(spec, name))
     aliases = config.get("aliases", {})
     for alias, original in aliases.items():
         if original not in tensors:
             raise ValueError(f"alias {alias!r} points at missing tensor {original!r}")
         tensors[alias] = tensors[original]
     try:
-        model = classes[config["class"]](**config["config"])
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"config of {config['class']} does not build a model ({error})") from None
-    try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as error:
         raise ValueError(f"weights in {folder / WEIGHTS} do not match the config: {error}") from None
+    state = model.state_dict(keep_vars=True)
+    for alias, original in aliases.items():  # re-tie what was shared when saved
+        _set(model, alias, state[original])
     return model.eval()

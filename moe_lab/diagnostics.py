@@ -28,7 +28,7 @@ def utilisation_entropy(counts: torch.Tensor, normalized: bool = True) -> float:
     so 1.0 means perfectly even use and 0.0 means a single expert gets everything."""
     share = expert_share(counts)
     nonzero = share[share > 0]
-    entropy = float(-(nonzero * nonzero.log()).sum())
+    entropy = max(0.0, float(-(nonzero * nonzero.log()).sum()))  # never -0.0
     if not normalized:
         return entropy
     return entropy / math.log(share.numel()) if share.numel() > 1 else 1.0

@@ -28,8 +28,6 @@ def _check_bits_and_groups(bits, group_size, in_features: int) -> None:
             raise ValueError(f"group_size must be a positive int or None, got {group_size!r}")
         if in_features % group_size:
             raise ValueError(f"group_size ({group_size}) must divide the input width ({in_features})")
-    if bits == 4 and in_features % 2:
-        raise ValueError(f"int4 packs two values per byte: the input width ({in_features}) must be even")
 
 
 def quantize_tensor(weight: torch.Tensor, bits: int = 8, group_size: int | None = None
@@ -56,27 +54,28 @@ def dequantize_tensor(values: torch.Tensor, scales: torch.Tensor) -> torch.Tenso
 
 
 def pack_int4(values: torch.Tensor) -> torch.Tensor:
-    """Pack int8 values in ``[-8, 7]`` with an even last dimension into uint8, two per byte."""
-    if values.shape[-1] % 2:
-        raise ValueError("pack_int4 needs an even last dimension")
+    """Pack int8 values in ``[-8, 7]`` into uint8, two per byte along the last dimension
+    (an odd width is padded with one zero nibble): ``(..., m)`` -> ``(..., ceil(m / 2))``."""
     if values.numel() and (values.min() < -8 or values.max() > 7):
         raise ValueError("pack_int4 values must lie in [-8, 7]")
     nibbles = (values.to(torch.int16) & 0xF).to(torch.uint8)
+    nibbles = F.pad(nibbles, (0, values.shape[-1] % 2))
     return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`pack_int4`: uint8 ``(..., m)`` -> int8 ``(..., 2m)``."""
+def unpack_int4(packed: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: uint8 ``(..., m)`` -> int8 ``(..., width)`` (default ``2m``)."""
     low = (packed & 0xF).to(torch.int8)
     high = (packed >> 4).to(torch.int8)
     both = torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], -1)
-    return torch.where(both > 7, both - 16, both)
+    both = torch.where(both > 7, both - 16, both)
+    return both if width is None else both[..., :width]
 
 
 class QuantizedLinear(nn.Module):
     """A linear layer whose weight is stored as int8 or packed int4 plus float16 scales.
 
-    Buffers: ``qweight`` (int8 ``(out, in)``, or uint8 ``(out, in // 2)`` for int4),
+    Buffers: ``qweight`` (int8 ``(out, in)``, or uint8 ``(out, ceil(in / 2))`` for int4),
     ``scales`` (float16 ``(out, groups)``) and ``bias`` (float32, if any).
     Shapes: ``x`` is ``(..., in_features)``; the result is ``(..., out_features)``.
     """
@@ -89,7 +88,7 @@ class QuantizedLinear(nn.Module):
                            group_size=group_size, bias=bias)
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
-        stored = in_features // 2 if bits == 4 else in_features
+        stored = (in_features + 1) // 2 if bits == 4 else in_features
         dtype = torch.uint8 if bits == 4 else torch.int8
         groups = in_features // (group_size or in_features)
         self.register_buffer("qweight", torch.zeros(out_features, stored, dtype=dtype))
@@ -113,7 +112,7 @@ class QuantizedLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized float32 ``(out, in)`` weight."""
-        values = unpack_int4(self.qweight) if self.bits == 4 else self.qweight
+        values = unpack_int4(self.qweight, self.in_features) if self.bits == 4 else self.qweight
         return dequantize_tensor(values, self.scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

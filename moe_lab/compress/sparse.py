@@ -1,0 +1,88 @@
+"""A sparse storage format for pruned weights: a bitmask plus the non-zero values.
+
+Magnitude pruning only writes zeros; a dense tensor full of zeros is as big on disk as
+before. :class:`SparseLinear` stores a packed bitmask (one bit per weight) and the non-zero
+values (float32), so a weight of density ``p`` costs ``out * in * (1/8 + 4p)`` bytes instead
+of ``4 * out * in``: smaller as soon as ``p < 31/32``. (CSR with int32 column indices costs
+``8`` bytes per non-zero and only wins below ``p = 1/2``.)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moe_lab._checks import last_dim, positive_int
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a boolean tensor into uint8, eight flags per byte (padded with zeros)."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    flat = F.pad(flat, (0, (-flat.numel()) % 8))
+    weights = (2 ** torch.arange(8, dtype=torch.uint8))
+    return (flat.view(-1, 8) * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_mask`: the first ``numel`` flags as a flat bool tensor."""
+    bits = (packed.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1
+    return bits.reshape(-1)[:numel].bool()
+
+
+def sparse_bytes(out_features: int, in_features: int, nonzero: int, format: str = "bitmask") -> int:
+    """Bytes of a weight's sparse payload: ``"bitmask"``, ``"csr"`` (int32) or ``"dense"``."""
+    if format == "bitmask":
+        return -(-out_features * in_features // 8) + 4 * nonzero
+    if format == "csr":
+        return 4 * (out_features + 1) + 8 * nonzero
+    if format == "dense":
+        return 4 * out_features * in_features
+    raise ValueError(f"format must be 'bitmask', 'csr' or 'dense', got {format!r}")
+
+
+class SparseLinear(nn.Module):
+    """A linear layer stored as ``mask`` (packed bits) + ``values`` (its non-zeros, row-major).
+
+    ``forward`` rebuilds the dense weight and calls ``F.linear``: this saves bytes, not time.
+    Shapes: ``x`` is ``(..., in_features)``; the result is ``(..., out_features)``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, nonzero: int, bias: bool = True):
+        super().__init__()
+        positive_int("in_features", in_features)
+        positive_int("out_features", out_features)
+        size = in_features * out_features
+        if isinstance(nonzero, bool) or not isinstance(nonzero, int) or not 0 <= nonzero <= size:
+            raise ValueError(f"nonzero must be an int in [0, in*out], got {nonzero!r}")
+        self.config = dict(in_features=in_features, out_features=out_features, nonzero=nonzero, bias=bias)
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("mask", torch.zeros(-(-in_features * out_features // 8), dtype=torch.uint8))
+        self.register_buffer("values", torch.zeros(nonzero))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> SparseLinear:
+        """Store a (pruned) ``nn.Linear`` exactly: its zeros go into the mask."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        weight = linear.weight.detach()
+        keep = weight != 0
+        layer = cls(linear.in_features, linear.out_features, int(keep.sum()), linear.bias is not None)
+        layer.mask.copy_(pack_mask(keep))
+        layer.values.copy_(weight[keep])
+        if linear.bias is not None:
+            layer.bias.copy_(linear.bias.detach())
+        return layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense ``(out, in)`` weight, zeros included."""
+        keep = unpack_mask(self.mask, self.in_features * self.out_features)
+        dense = self.values.new_zeros(self.in_features * self.out_features)
+        dense[keep] = self.values
+        return dense.view(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        last_dim("x", x, self.in_features)
+        return F.linear(x, self.weight, self.bias)

@@ -1,0 +1,59 @@
+"""Finding what to compress: the MoE layers of a model, their weight matrices, their inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn as nn
+
+from moe_lab.soft_moe import SharedTrunkMoE, SoftMoE
+from moe_lab.topk_moe import TopKMoE
+
+MOE_TYPES = (SoftMoE, TopKMoE, SharedTrunkMoE)
+ROUTER_NAMES = ("gating", "noise_gating")
+
+
+def moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, layer)`` for every mixture layer in ``model`` (the model itself included)."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MOE_TYPES)]
+
+
+def expert_linears(model: nn.Module, include_router: bool = False) -> Iterator[tuple[str, nn.Linear]]:
+    """Every ``nn.Linear`` inside the model's MoE layers (experts, low-rank factors, output
+    projections), the routers only if ``include_router``. A model without MoE layers yields
+    all its ``nn.Linear`` modules."""
+    layers = moe_layers(model)
+    if not layers:
+        yield from ((n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear))
+        return
+    for prefix, layer in layers:
+        for name, module in layer.named_modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            if not include_router and name.split(".")[0] in ROUTER_NAMES:
+                continue
+            yield (f"{prefix}.{name}" if prefix else name), module
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at the dotted path ``name`` inside ``model``."""
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, layer: nn.Module, inputs: torch.Tensor, batch_size: int = 256
+                 ) -> torch.Tensor:
+    """Run ``model`` on ``inputs`` and return what ``layer`` received, flattened to ``(n, d)``."""
+    captured = []
+    hook = layer.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(inputs), batch_size):
+            model(inputs[start:start + batch_size])
+    finally:
+        hook.remove()
+        model.train(was_training)
+    return torch.cat([c.reshape(-1, c.shape[-1]) for c in captured])
