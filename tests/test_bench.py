@@ -1,0 +1,23 @@
+"""The benchmark script runs end to end (tiny sizes; the real run is `make bench`)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).parents[1] / "bench" / "dispatch.py"
+
+
+def test_dispatch_bench_smoke(tmp_path):
+    out = tmp_path / "r.json"
+    run = subprocess.run([sys.executable, str(BENCH), "--tokens", "32", "--ks", "1", "2", "--repeats", "1",
+                          "--threads", "1", "--json", str(out)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "max |TopKMoE - deck|" in run.stdout
+    assert json.loads(out.read_text())["config"]["tokens"] == [32]
+
+
+def test_dispatch_bench_rejects_bad_arguments():
+    run = subprocess.run([sys.executable, str(BENCH), "--ks", "9"], capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode != 0 and "--ks must be in" in run.stderr
