@@ -26,6 +26,7 @@ CONFIG = "config.json"
 
 def _loadable_classes() -> dict[str, type[nn.Module]]:
     from moe_lab.compress.quantize import QuantizedLinear
+    from moe_lab.compress.share import BaseDeltaLinear
     from moe_lab.compress.sparse import SparseLinear
     from moe_lab.low_rank import LowRankLinear
     from moe_lab.models import ImageClassifierMoE, LanguageModelMoE
@@ -33,7 +34,7 @@ def _loadable_classes() -> dict[str, type[nn.Module]]:
     from moe_lab.topk_moe import TopKMoE
 
     classes = [SoftMoE, SharedTrunkMoE, TopKMoE, LowRankLinear, QuantizedLinear, SparseLinear,
-               ImageClassifierMoE, LanguageModelMoE, nn.Linear]
+               BaseDeltaLinear, ImageClassifierMoE, LanguageModelMoE, nn.Linear]
     return {cls.__name__: cls for cls in classes}
 
 
@@ -117,7 +118,7 @@ def save(model: nn.Module, path: str | Path) -> Path:
     config = {"format": FORMAT, "version": VERSION, "class": type(model).__name__,
               "config": getattr(model, "config", None), "aliases": aliases,
               "modules": _changed_modules(model)}
-    (folder / CONFIG).write_text(json.dumps(config, indent=1, sort_keys=True))
+    (folder / CONFIG).write_text(json.dumps(config, sort_keys=True, separators=(",", ":")))
     return folder
 
 

@@ -128,3 +128,13 @@ def latency(fn, *inputs, warmup: int = 3, repeats: int = 20) -> float:
             fn(*inputs)
             times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def moe_bytes(model: nn.Module) -> int:
+    """Saved bytes of the model's mixture-of-experts layers alone (each saved on its own)."""
+    from moe_lab.compress.targets import moe_layers
+
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError("model has no mixture-of-experts layer")
+    return sum(model_bytes(layer) for _, layer in layers)

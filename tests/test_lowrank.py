@@ -41,3 +41,21 @@ def test_rank_for_energy():
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         low_rank_from_linear(nn.Linear(24, 16), **kwargs)
+
+
+def test_low_rank_experts_replaces_experts_only():
+    from moe_lab import LowRankLinear, SoftMoE
+    from moe_lab.compress import low_rank_experts
+
+    layer = SoftMoE(3, 32, 32, 8)
+    x = torch.randn(6, 32)
+    exact = low_rank_experts(SoftMoE(3, 32, 32, 8), energy=1.0)
+    assert all(isinstance(e, LowRankLinear) for e in exact.experts)
+    reference = layer(x)
+    low_rank_experts(layer, 15)
+    assert all(e.rank == 15 for e in layer.experts) and type(layer.output) is nn.Linear
+    assert layer(x).shape == reference.shape
+    with pytest.raises(ValueError, match="does not shrink"):
+        low_rank_experts(SoftMoE(3, 32, 32, 8), 16)
+    with pytest.raises(ValueError, match="no MoE layer"):
+        low_rank_experts(nn.Linear(3, 3), 1)

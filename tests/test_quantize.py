@@ -89,3 +89,38 @@ def test_bad_input_types():
         QuantizedLinear.from_linear(nn.Conv2d(1, 1, 1))
     with pytest.raises(ValueError, match="pack_int4 values"):
         pack_int4(torch.tensor([[9, 0]], dtype=torch.int8))
+
+
+def test_quantize_experts_keeps_the_router_float_and_shrinks_bytes():
+    from moe_lab import TopKMoE
+    from moe_lab.compress import quantize_experts
+    from moe_lab.measure import moe_bytes
+
+    layer = TopKMoE(4, 256, 512, 256, k=2)
+    x = torch.randn(50, 256)
+    reference, before = layer(x), moe_bytes(layer)
+    quantize_experts(layer, 8)
+    assert type(layer.gating) is nn.Linear
+    assert all(isinstance(e, QuantizedLinear) for e in layer.experts)
+    assert isinstance(layer.output, QuantizedLinear)
+    assert (layer(x) - reference).norm() / reference.norm() < 0.02
+    assert before / moe_bytes(layer) > 3.85  # router kept in float32
+
+
+def test_mixed_precision_by_usage_and_sensitivity():
+    from moe_lab import TopKMoE
+    from moe_lab.compress import bits_by_usage, expert_sensitivity, quantize_experts
+
+    assert bits_by_usage(torch.tensor([0.1, 0.4, 0.2, 0.3])) == [4, 8, 4, 8]
+    assert bits_by_usage(torch.tensor([0.1, 0.4]), high_fraction=0.0) == [4, 4]
+    layer = TopKMoE(4, 16, 32, 8, k=2)
+    with torch.no_grad():
+        layer.experts[2].weight.mul_(20)  # a big expert suffers most from coarse steps
+    sensitivity = expert_sensitivity(layer, torch.randn(64, 16), bits=4)
+    assert sensitivity.argmax() == 2
+    quantize_experts(layer, bits=[4, 4, 8, 4])
+    assert [e.bits for e in layer.experts] == [4, 4, 8, 4] and layer.output.bits == 8
+    with pytest.raises(ValueError, match="bits has 3 entries"):
+        quantize_experts(TopKMoE(4, 16, 32, 8), bits=[8, 8, 4])
+    with pytest.raises(ValueError, match="high_bits must be one of"):
+        bits_by_usage(torch.ones(3), high_bits=16)

@@ -48,3 +48,33 @@ def low_rank_from_linear(linear: nn.Linear, rank: int | None = None, *, energy: 
         if linear.bias is not None:
             layer.V.bias.copy_(linear.bias.detach())
     return layer
+
+
+def low_rank_experts(model: nn.Module, rank: int | None = None, *, energy: float | None = None,
+                     include_output: bool = False) -> nn.Module:
+    """Replace every expert ``nn.Linear`` of the model's MoE layers by its truncated SVD, in
+    place (see :func:`low_rank_from_linear`); the router, and the output projection unless
+    ``include_output``, stay as they are. Returns ``model``.
+
+    A rank above a matrix's break-even ``in * out / (in + out)`` would grow it, so such a
+    request raises instead of silently costing bytes.
+    """
+    from moe_lab.compress.targets import moe_layers, replace_module
+
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError("model has no MoE layer to give low-rank experts")
+    for prefix, layer in layers:
+        experts = "expert_layers" if hasattr(layer, "expert_layers") else "experts"
+        names = [f"{experts}.{i}" for i in range(layer.num_experts)] + (["output"] if include_output else [])
+        for name in names:
+            module = layer.get_submodule(name)
+            if type(module) is not nn.Linear:
+                continue
+            low = low_rank_from_linear(module, rank, energy=energy)
+            out_f, in_f = module.weight.shape
+            if energy is None and low.rank * (in_f + out_f) >= in_f * out_f:
+                raise ValueError(f"rank {low.rank} does not shrink a {out_f}x{in_f} matrix "
+                                 f"(break-even rank {in_f * out_f // (in_f + out_f)})")
+            replace_module(model, f"{prefix}.{name}" if prefix else name, low)
+    return model

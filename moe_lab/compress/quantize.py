@@ -122,3 +122,67 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}")
+
+
+def quantize_experts(model: nn.Module, bits: int | list[int] = 8, group_size: int | None = None, *,
+                     include_router: bool = False) -> nn.Module:
+    """Replace the linear maps of every MoE layer with :class:`QuantizedLinear`, in place.
+
+    Like ``torchao.quantization.quantize_``: it edits ``model`` and returns it. The router
+    stays in float unless ``include_router`` (its logits decide where every token goes).
+    ``bits`` may be a list with one entry per expert (mixed precision, see
+    :func:`bits_by_usage`); the output projection then gets the largest of them.
+    Expert modules that already hold factors (low-rank) have each factor quantized.
+    """
+    from moe_lab.compress.targets import expert_linears, moe_layers, replace_module
+
+    per_expert = list(bits) if isinstance(bits, (list, tuple)) else None
+    for bits_value in per_expert or [bits]:
+        _check_bits_and_groups(bits_value, None, 2)
+    for name, module in list(expert_linears(model, include_router)):
+        chosen = bits
+        if per_expert is not None:
+            chosen = max(per_expert)
+            for prefix, layer in moe_layers(model):
+                experts = "expert_layers" if hasattr(layer, "expert_layers") else "experts"
+                head = f"{prefix}.{experts}." if prefix else f"{experts}."
+                if name.startswith(head):
+                    if len(per_expert) != layer.num_experts:
+                        raise ValueError(f"bits has {len(per_expert)} entries but {prefix or 'the layer'} "
+                                         f"has {layer.num_experts} experts")
+                    chosen = per_expert[int(name[len(head):].split(".")[0])]
+        replace_module(model, name, QuantizedLinear.from_linear(module, chosen, group_size))
+    return model
+
+
+def bits_by_usage(usage: torch.Tensor, high_bits: int = 8, low_bits: int = 4,
+                  high_fraction: float = 0.5) -> list[int]:
+    """Mixed precision from a per-expert score (routing frequency or sensitivity): the top
+    ``high_fraction`` of experts by ``usage`` get ``high_bits``, the rest ``low_bits``."""
+    for name, value in (("high_bits", high_bits), ("low_bits", low_bits)):
+        if value not in SUPPORTED_BITS:
+            raise ValueError(f"{name} must be one of {SUPPORTED_BITS}, got {value!r}")
+    if not 0 <= high_fraction <= 1:
+        raise ValueError(f"high_fraction must be in [0, 1], got {high_fraction}")
+    usage = torch.as_tensor(usage).reshape(-1)
+    count = round(high_fraction * usage.numel())
+    high = set(usage.topk(count).indices.tolist()) if count else set()
+    return [high_bits if e in high else low_bits for e in range(usage.numel())]
+
+
+@torch.no_grad()
+def expert_sensitivity(layer: nn.Module, x: torch.Tensor, bits: int = 4,
+                       group_size: int | None = None) -> torch.Tensor:
+    """Output error ``(E,)`` of quantizing each expert alone to ``bits`` (mean squared
+    difference from the float layer on calibration inputs ``x``): a higher value means the
+    expert deserves more bits."""
+    import copy
+
+    reference = layer(x)
+    experts = "expert_layers" if hasattr(layer, "expert_layers") else "experts"
+    errors = []
+    for e in range(layer.num_experts):
+        trial = copy.deepcopy(layer)
+        getattr(trial, experts)[e] = QuantizedLinear.from_linear(getattr(layer, experts)[e], bits, group_size)
+        errors.append(float((trial(x) - reference).square().mean()))
+    return torch.tensor(errors)

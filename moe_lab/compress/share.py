@@ -1,0 +1,154 @@
+"""Sharing weights across experts after training: merging similar experts, and a shared base
+expert plus small per-expert low-rank deltas.
+
+* :func:`merge_experts` groups experts whose outputs on calibration data are similar
+  (average-linkage clustering on cosine similarity) and replaces each group by one expert,
+  the usage-weighted average of its members (MC-SMoE, Li et al. 2024; HC-SMoE, Chen et al.
+  2024). The router rows of a group are averaged the same way and ``log(group size)`` is
+  added to the bias, so a group of identical experts keeps exactly the probability mass
+  its members had.
+* :func:`base_delta_experts` stores ``W_e = W_base + B_e A_e`` with one shared ``W_base``
+  (the usage-weighted mean expert) and rank-``r`` deltas (the D2-MoE idea, Gu et al. 2025).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moe_lab._checks import last_dim, positive_int
+from moe_lab.compress.prune import expert_usage
+from moe_lab.compress.targets import MOE_TYPES
+
+
+def _experts(layer: nn.Module) -> tuple[str, nn.ModuleList]:
+    name = "expert_layers" if hasattr(layer, "expert_layers") else "experts"
+    experts = getattr(layer, name)
+    if not all(type(e) is nn.Linear for e in experts):
+        raise TypeError("sharing needs nn.Linear experts (apply it before low-rank or quantization)")
+    return name, experts
+
+
+def _expert_inputs(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return layer.shared_layer(x) if hasattr(layer, "shared_layer") else x
+
+
+def group_experts(layer: nn.Module, x: torch.Tensor, num_groups: int) -> list[list[int]]:
+    """Cluster the experts into ``num_groups`` groups by the cosine similarity of their
+    outputs on calibration inputs ``x`` ``(n, d)`` (average linkage, merging the most
+    similar pair of groups until ``num_groups`` remain). Groups are sorted lists."""
+    if not isinstance(layer, MOE_TYPES):
+        raise TypeError(f"layer must be a mixture layer, got {type(layer).__name__}")
+    last_dim("x", x, layer.config["input_size"])
+    positive_int("num_groups", num_groups)
+    _, experts = _experts(layer)
+    if num_groups > len(experts):
+        raise ValueError(f"num_groups must be <= num_experts ({len(experts)}), got {num_groups}")
+    with torch.no_grad():
+        inputs = _expert_inputs(layer, x.reshape(-1, x.shape[-1]))
+        outputs = torch.stack([F.normalize(e(inputs).reshape(-1), dim=0) for e in experts])
+    similarity = outputs @ outputs.T
+    groups = [[e] for e in range(len(experts))]
+    while len(groups) > num_groups:
+        best, pair = -math.inf, None
+        for i in range(len(groups)):
+            for j in range(i + 1, len(groups)):
+                score = similarity[groups[i]][:, groups[j]].mean().item()
+                if score > best:
+                    best, pair = score, (i, j)
+        i, j = pair
+        groups[i] = sorted(groups[i] + groups.pop(j))
+    return sorted(groups)
+
+
+def merge_experts(layer: nn.Module, x: torch.Tensor, num_groups: int,
+                  groups: list[list[int]] | None = None) -> nn.Module:
+    """A new layer with ``num_groups`` experts, each the usage-weighted average of a group of
+    similar experts (see :func:`group_experts`, or pass ``groups``), router rows merged to
+    match. Usage is the gate weight each expert receives on ``x``."""
+    groups = groups or group_experts(layer, x, num_groups)
+    if sorted(e for g in groups for e in g) != list(range(layer.num_experts)):
+        raise ValueError("groups must partition the experts")
+    usage = expert_usage(layer, x)["gate_weight"].clamp_min(1e-6)
+    name, experts = _experts(layer)
+    config = {**layer.config, "num_experts": len(groups)}
+    if "k" in config:
+        config["k"] = min(config["k"], len(groups))
+    new = type(layer)(**config)
+    with torch.no_grad():
+        for child_name, child in layer.named_children():
+            if child_name not in (name, "gating", "noise_gating"):
+                setattr(new, child_name, copy.deepcopy(child))
+        for g, members in enumerate(groups):
+            weights = usage[members] / usage[members].sum()
+            target = getattr(new, name)[g]
+            target.weight.copy_(sum(w * experts[e].weight for w, e in zip(weights, members)))
+            target.bias.copy_(sum(w * experts[e].bias for w, e in zip(weights, members)))
+            for router in ("gating", "noise_gating"):
+                if hasattr(layer, router):
+                    old, merged = getattr(layer, router), getattr(new, router)
+                    merged.weight[g] = sum(w * old.weight[e] for w, e in zip(weights, members))
+                    if old.bias is not None:
+                        merged.bias[g] = sum(w * old.bias[e] for w, e in zip(weights, members)) \
+                            + math.log(len(members))
+    return new
+
+
+class BaseDeltaLinear(nn.Module):
+    """``y = x (W_base + B A)^T + b``: a shared base weight plus a rank-``r`` delta.
+
+    ``base`` is a parameter that several experts hold (the same tensor, stored once);
+    ``delta_in`` is ``A`` ``(rank, in)`` and ``delta_out`` is ``B`` ``(out, rank)``.
+    Shapes: ``x`` is ``(..., in_features)``; the result is ``(..., out_features)``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True):
+        super().__init__()
+        positive_int("in_features", in_features)
+        positive_int("out_features", out_features)
+        positive_int("rank", rank)
+        if rank > min(in_features, out_features):
+            raise ValueError(f"rank must be <= min(in_features, out_features) = "
+                             f"{min(in_features, out_features)}, got {rank}")
+        self.config = dict(in_features=in_features, out_features=out_features, rank=rank, bias=bias)
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.base = nn.Parameter(torch.zeros(out_features, in_features))
+        self.delta_in = nn.Parameter(torch.zeros(rank, in_features))
+        self.delta_out = nn.Parameter(torch.zeros(out_features, rank))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base + self.delta_out @ self.delta_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        last_dim("x", x, self.in_features)
+        return F.linear(x, self.base, self.bias) + F.linear(F.linear(x, self.delta_in), self.delta_out)
+
+
+def base_delta_experts(layer: nn.Module, rank: int, x: torch.Tensor | None = None) -> nn.Module:
+    """Rewrite a layer's experts, in place, as one shared base plus rank-``rank`` deltas
+    (truncated SVD of ``W_e - W_base``). ``W_base`` is the mean expert, weighted by gate usage
+    on ``x`` if given. Returns the layer."""
+    name, experts = _experts(layer)
+    positive_int("rank", rank)
+    usage = (expert_usage(layer, x)["gate_weight"] if x is not None
+             else torch.full((len(experts),), 1 / len(experts)))
+    with torch.no_grad():
+        base = nn.Parameter(sum(w * e.weight for w, e in zip(usage, experts)).clone())
+        new = []
+        for expert in experts:
+            delta = BaseDeltaLinear(expert.in_features, expert.out_features, rank)
+            u, s, vh = torch.linalg.svd((expert.weight - base).double(), full_matrices=False)
+            root = s[:rank].sqrt()
+            delta.delta_in.copy_((root[:, None] * vh[:rank]).float())
+            delta.delta_out.copy_((u[:, :rank] * root).float())
+            delta.bias.copy_(expert.bias)
+            delta.base = base  # one tensor shared by every expert
+            new.append(delta)
+    setattr(layer, name, nn.ModuleList(new))
+    return layer
