@@ -21,6 +21,8 @@ class Profile:
     synthetic_train: int
     synthetic_test: int
     synthetic_epochs: int
+    synthetic_batch_size: int  # small batches: the router gets many updates per epoch
+    synthetic_lr: float
     # dispatch timings in notebooks (tokens)
     timing_tokens: int
     # CIFAR-10 subset
@@ -37,10 +39,12 @@ class Profile:
 
 PROFILES = {
     "default": Profile(name="default", synthetic_train=8000, synthetic_test=2000, synthetic_epochs=20,
+                       synthetic_batch_size=16, synthetic_lr=1e-2,
                        timing_tokens=4096, cifar_train_per_class=1000, cifar_test_per_class=500,
                        cifar_epochs=15, lm_train_tokens=None, lm_eval_tokens=None, lm_context=64,
                        lm_steps=1500),
     "ci": Profile(name="ci", synthetic_train=2000, synthetic_test=1000, synthetic_epochs=8,
+                  synthetic_batch_size=16, synthetic_lr=1e-2,
                   timing_tokens=1024, cifar_train_per_class=100, cifar_test_per_class=50,
                   cifar_epochs=2, lm_train_tokens=40_000, lm_eval_tokens=20_000, lm_context=32,
                   lm_steps=100),
