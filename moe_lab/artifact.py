@@ -31,10 +31,11 @@ def _loadable_classes() -> dict[str, type[nn.Module]]:
     from moe_lab.low_rank import LowRankLinear
     from moe_lab.models import ImageClassifierMoE, LanguageModelMoE
     from moe_lab.soft_moe import SharedTrunkMoE, SoftMoE
+    from moe_lab.swiglu_moe import SwiGLUMoE
     from moe_lab.topk_moe import TopKMoE
 
     classes = [SoftMoE, SharedTrunkMoE, TopKMoE, LowRankLinear, QuantizedLinear, SparseLinear,
-               BaseDeltaLinear, ImageClassifierMoE, LanguageModelMoE, nn.Linear]
+               BaseDeltaLinear, SwiGLUMoE, ImageClassifierMoE, LanguageModelMoE, nn.Linear]
     return {cls.__name__: cls for cls in classes}
 
 
@@ -50,9 +51,34 @@ def _spec(module: nn.Module) -> dict | None:
     return None
 
 
+HF_PREFIX = "transformers:"
+
+
+def _root_spec(model: nn.Module) -> dict | None:
+    """The spec of a whole model: a moe_lab class, or a Hugging Face model and its config."""
+    spec = _spec(model)
+    config = getattr(model, "config", None)
+    if spec is None and hasattr(config, "to_dict") and hasattr(config, "model_type"):
+        spec = {"class": HF_PREFIX + type(model).__name__, "config": config.to_dict()}
+    return spec
+
+
+def _build_hf(spec: dict) -> nn.Module:
+    import transformers
+
+    name = spec["class"][len(HF_PREFIX):]
+    cls = getattr(transformers, name, None)
+    if cls is None or not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel):
+        raise ValueError(f"cannot rebuild class {spec['class']!r}: not a transformers model")
+    config = dict(spec["config"])
+    return cls(transformers.AutoConfig.for_model(config.pop("model_type"), **config))
+
+
 def _build(spec: dict, where: str) -> nn.Module:
     classes = _loadable_classes()
     name = spec.get("class") if isinstance(spec, dict) else spec
+    if isinstance(name, str) and name.startswith(HF_PREFIX) and isinstance(spec.get("config"), dict):
+        return _build_hf(spec)
     if name not in classes or not isinstance(spec.get("config"), dict):
         raise ValueError(f"cannot rebuild class {name!r} at {where or 'the root'}: "
                          f"load() knows {sorted(classes)}")
@@ -65,10 +91,11 @@ def _build(spec: dict, where: str) -> nn.Module:
 
 def _changed_modules(model: nn.Module) -> dict[str, dict]:
     """Specs of the submodules that differ from what the model's own constructor builds."""
-    root = _spec(model)
+    root = _root_spec(model)
     if root is None:
         return {}
-    fresh = dict(_build(root, "").named_modules())
+    with torch.device("meta"):  # only the structure is compared: no memory, no random init
+        fresh = dict(_build(root, "").named_modules())
     changed = {}
     for name, module in model.named_modules():
         spec = _spec(module)
@@ -115,9 +142,9 @@ def save(model: nn.Module, path: str | Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     unique, aliases = _dedupe(model.state_dict())
     save_file(unique, str(folder / WEIGHTS), metadata={"format": FORMAT})
-    config = {"format": FORMAT, "version": VERSION, "class": type(model).__name__,
-              "config": getattr(model, "config", None), "aliases": aliases,
-              "modules": _changed_modules(model)}
+    root = _root_spec(model) or {"class": type(model).__name__, "config": None}
+    config = {"format": FORMAT, "version": VERSION, "class": root["class"], "config": root["config"],
+              "aliases": aliases, "modules": _changed_modules(model)}
     (folder / CONFIG).write_text(json.dumps(config, sort_keys=True, separators=(",", ":")))
     return folder
 

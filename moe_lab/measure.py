@@ -41,7 +41,11 @@ def _unique_parameters(model: nn.Module):
 
 
 def param_count(model: nn.Module, nonzero: bool = False) -> int:
-    """Number of parameters (shared ones once); with ``nonzero=True`` only non-zero entries."""
+    """Number of parameters (shared ones once); with ``nonzero=True`` only non-zero entries.
+
+    Only ``nn.Parameter`` tensors count: the integer and sparse weights of ``QuantizedLinear``
+    and ``SparseLinear`` are buffers, so a count is no size measure: use :func:`model_bytes`.
+    """
     if nonzero:
         return sum(int(torch.count_nonzero(p)) for p in _unique_parameters(model))
     return sum(p.numel() for p in _unique_parameters(model))

@@ -76,5 +76,5 @@ def test_bad_arguments():
         BaseDeltaLinear(4, 3, rank=4)
     layer = TopKMoE(4, 8, 8, 4)
     base_delta_experts(layer, 2)
-    with pytest.raises(TypeError, match="nn.Linear experts"):
+    with pytest.raises(TypeError, match="built from nn.Linear layers"):
         merge_experts(layer, torch.randn(5, 8), 2)

@@ -59,18 +59,16 @@ def low_rank_experts(model: nn.Module, rank: int | None = None, *, energy: float
     A rank above a matrix's break-even ``in * out / (in + out)`` would grow it, so such a
     request raises instead of silently costing bytes.
     """
-    from moe_lab.compress.targets import moe_layers, replace_module
+    from moe_lab.compress.targets import experts_name, moe_layers, replace_module
 
     layers = moe_layers(model)
     if not layers:
         raise ValueError("model has no MoE layer to give low-rank experts")
     for prefix, layer in layers:
-        experts = "expert_layers" if hasattr(layer, "expert_layers") else "experts"
-        names = [f"{experts}.{i}" for i in range(layer.num_experts)] + (["output"] if include_output else [])
-        for name in names:
-            module = layer.get_submodule(name)
-            if type(module) is not nn.Linear:
-                continue
+        heads = [experts_name(layer)] + (["output"] if include_output else [])
+        targets = [(name, m) for name, m in layer.named_modules()
+                   if type(m) is nn.Linear and name.split(".")[0] in heads]
+        for name, module in targets:
             low = low_rank_from_linear(module, rank, energy=energy)
             out_f, in_f = module.weight.shape
             if energy is None and low.rank * (in_f + out_f) >= in_f * out_f:

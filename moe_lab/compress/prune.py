@@ -18,7 +18,16 @@ import torch.nn.utils.prune as torch_prune
 
 from moe_lab._checks import last_dim, positive_int
 from moe_lab.compress.sparse import SparseLinear
-from moe_lab.compress.targets import MOE_TYPES, expert_linears, layer_inputs, moe_layers, replace_module
+from moe_lab.compress.targets import (
+    MOE_TYPES,
+    expert_linears,
+    experts_name,
+    input_size,
+    layer_inputs,
+    moe_layers,
+    replace_module,
+    router_names,
+)
 from moe_lab.soft_moe import SoftMoE
 from moe_lab.topk_moe import TopKMoE
 
@@ -103,17 +112,17 @@ def expert_usage(layer: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """
     if not isinstance(layer, MOE_TYPES):
         raise TypeError(f"layer must be a mixture layer, got {type(layer).__name__}")
-    last_dim("x", x, layer.config["input_size"])
+    last_dim("x", x, input_size(layer))
     E = layer.num_experts
-    if isinstance(layer, TopKMoE):
+    if hasattr(layer, "route"):
         routing = layer.route(x)
         indices, gates = routing.indices, routing.gates
     else:
         probs = layer.gate_probs(x).reshape(-1, E)
         indices, gates = probs.argmax(-1, keepdim=True), probs
     counts = torch.bincount(indices.reshape(-1), minlength=E).float()
-    if isinstance(layer, TopKMoE):
-        weight = torch.zeros(E).index_add_(0, indices.reshape(-1), gates.reshape(-1))
+    if hasattr(layer, "route"):
+        weight = torch.zeros(E).index_add_(0, indices.reshape(-1), gates.reshape(-1).float())
     else:
         weight = gates.sum(0)
     return {"frequency": counts / counts.sum(), "gate_weight": weight / weight.sum()}
@@ -135,13 +144,12 @@ def prune_experts(layer: nn.Module, keep: list[int]) -> nn.Module:
     if "k" in config:
         config["k"] = min(config["k"], len(keep))
     new = type(layer)(**config)
-    experts_name = "expert_layers" if hasattr(layer, "expert_layers") else "experts"
     index = torch.tensor(keep)
     with torch.no_grad():
         for name, child in layer.named_children():
-            if name == experts_name:
+            if name == experts_name(layer):
                 setattr(new, name, nn.ModuleList(copy.deepcopy(child[e]) for e in keep))
-            elif name in ("gating", "noise_gating"):
+            elif name in router_names(layer) and child.out_features == E:
                 router = getattr(new, name)
                 router.weight.copy_(child.weight[index])
                 if child.bias is not None:

@@ -132,9 +132,10 @@ def quantize_experts(model: nn.Module, bits: int | list[int] = 8, group_size: in
     stays in float unless ``include_router`` (its logits decide where every token goes).
     ``bits`` may be a list with one entry per expert (mixed precision, see
     :func:`bits_by_usage`); the output projection then gets the largest of them.
-    Expert modules that already hold factors (low-rank) have each factor quantized.
+    Expert modules that already hold factors (low-rank) have each factor quantized; a matrix
+    no wider than ``group_size`` (a rank-4 factor, say) is quantized per channel.
     """
-    from moe_lab.compress.targets import expert_linears, moe_layers, replace_module
+    from moe_lab.compress.targets import expert_linears, experts_name, moe_layers, replace_module
 
     per_expert = list(bits) if isinstance(bits, (list, tuple)) else None
     for bits_value in per_expert or [bits]:
@@ -144,14 +145,16 @@ def quantize_experts(model: nn.Module, bits: int | list[int] = 8, group_size: in
         if per_expert is not None:
             chosen = max(per_expert)
             for prefix, layer in moe_layers(model):
-                experts = "expert_layers" if hasattr(layer, "expert_layers") else "experts"
+                experts = experts_name(layer)
                 head = f"{prefix}.{experts}." if prefix else f"{experts}."
                 if name.startswith(head):
                     if len(per_expert) != layer.num_experts:
                         raise ValueError(f"bits has {len(per_expert)} entries but {prefix or 'the layer'} "
                                          f"has {layer.num_experts} experts")
                     chosen = per_expert[int(name[len(head):].split(".")[0])]
-        replace_module(model, name, QuantizedLinear.from_linear(module, chosen, group_size))
+        narrow = group_size is not None and module.in_features <= group_size  # one group = one row
+        quantized = QuantizedLinear.from_linear(module, chosen, None if narrow else group_size)
+        replace_module(model, name, quantized)
     return model
 
 
@@ -178,11 +181,16 @@ def expert_sensitivity(layer: nn.Module, x: torch.Tensor, bits: int = 4,
     expert deserves more bits."""
     import copy
 
+    from moe_lab.compress.targets import experts_name
+
     reference = layer(x)
-    experts = "expert_layers" if hasattr(layer, "expert_layers") else "experts"
     errors = []
     for e in range(layer.num_experts):
         trial = copy.deepcopy(layer)
-        getattr(trial, experts)[e] = QuantizedLinear.from_linear(getattr(layer, experts)[e], bits, group_size)
+        experts = getattr(trial, experts_name(layer))
+        if type(experts[e]) is nn.Linear:
+            experts[e] = QuantizedLinear.from_linear(experts[e], bits, group_size)
+        else:  # an expert made of several linears (SwiGLU): quantize each
+            quantize_experts(experts[e], bits, group_size)
         errors.append(float((trial(x) - reference).square().mean()))
     return torch.tensor(errors)

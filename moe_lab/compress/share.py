@@ -22,14 +22,19 @@ import torch.nn.functional as F
 
 from moe_lab._checks import last_dim, positive_int
 from moe_lab.compress.prune import expert_usage
-from moe_lab.compress.targets import MOE_TYPES
+from moe_lab.compress.targets import MOE_TYPES, experts_name, input_size, router_names
 
 
-def _experts(layer: nn.Module) -> tuple[str, nn.ModuleList]:
-    name = "expert_layers" if hasattr(layer, "expert_layers") else "experts"
+def _experts(layer: nn.Module, linear_only: bool = False) -> tuple[str, nn.ModuleList]:
+    name = experts_name(layer)
     experts = getattr(layer, name)
-    if not all(type(e) is nn.Linear for e in experts):
-        raise TypeError("sharing needs nn.Linear experts (apply it before low-rank or quantization)")
+    kinds = {tuple(type(m) for m in e.modules()) for e in experts}
+    if len(kinds) != 1 or not all(isinstance(m, (nn.Linear, nn.ModuleList)) or not list(m.parameters(False))
+                                  for e in experts for m in e.modules()):
+        raise TypeError("sharing needs float experts built from nn.Linear layers, all alike "
+                        "(apply it before low-rank or quantization)")
+    if linear_only and not all(type(e) is nn.Linear for e in experts):
+        raise TypeError("base_delta_experts needs nn.Linear experts")
     return name, experts
 
 
@@ -43,7 +48,7 @@ def group_experts(layer: nn.Module, x: torch.Tensor, num_groups: int) -> list[li
     similar pair of groups until ``num_groups`` remain). Groups are sorted lists."""
     if not isinstance(layer, MOE_TYPES):
         raise TypeError(f"layer must be a mixture layer, got {type(layer).__name__}")
-    last_dim("x", x, layer.config["input_size"])
+    last_dim("x", x, input_size(layer))
     positive_int("num_groups", num_groups)
     _, experts = _experts(layer)
     if num_groups > len(experts):
@@ -79,17 +84,18 @@ def merge_experts(layer: nn.Module, x: torch.Tensor, num_groups: int,
     if "k" in config:
         config["k"] = min(config["k"], len(groups))
     new = type(layer)(**config)
+    routers = [r for r in router_names(layer) if hasattr(layer, r)
+               and getattr(layer, r).out_features == layer.num_experts]
     with torch.no_grad():
         for child_name, child in layer.named_children():
-            if child_name not in (name, "gating", "noise_gating"):
+            if child_name != name and child_name not in routers:
                 setattr(new, child_name, copy.deepcopy(child))
         for g, members in enumerate(groups):
             weights = usage[members] / usage[members].sum()
-            target = getattr(new, name)[g]
-            target.weight.copy_(sum(w * experts[e].weight for w, e in zip(weights, members)))
-            target.bias.copy_(sum(w * experts[e].bias for w, e in zip(weights, members)))
-            for router in ("gating", "noise_gating"):
-                if hasattr(layer, router):
+            states = [experts[e].state_dict() for e in members]
+            getattr(new, name)[g].load_state_dict({key: sum(w * s[key] for w, s in zip(weights, states))
+                                                   for key in states[0]})
+            for router in routers:
                     old, merged = getattr(layer, router), getattr(new, router)
                     merged.weight[g] = sum(w * old.weight[e] for w, e in zip(weights, members))
                     if old.bias is not None:
@@ -134,7 +140,7 @@ def base_delta_experts(layer: nn.Module, rank: int, x: torch.Tensor | None = Non
     """Rewrite a layer's experts, in place, as one shared base plus rank-``rank`` deltas
     (truncated SVD of ``W_e - W_base``). ``W_base`` is the mean expert, weighted by gate usage
     on ``x`` if given. Returns the layer."""
-    name, experts = _experts(layer)
+    name, experts = _experts(layer, linear_only=True)
     positive_int("rank", rank)
     usage = (expert_usage(layer, x)["gate_weight"] if x is not None
              else torch.full((len(experts),), 1 / len(experts)))

@@ -8,10 +8,26 @@ import torch
 import torch.nn as nn
 
 from moe_lab.soft_moe import SharedTrunkMoE, SoftMoE
+from moe_lab.swiglu_moe import SwiGLUMoE
 from moe_lab.topk_moe import TopKMoE
 
-MOE_TYPES = (SoftMoE, TopKMoE, SharedTrunkMoE)
-ROUTER_NAMES = ("gating", "noise_gating")
+MOE_TYPES = (SoftMoE, TopKMoE, SharedTrunkMoE, SwiGLUMoE)
+ROUTER_NAMES = ("gating", "noise_gating", "gate", "shared_expert_gate")
+
+
+def router_names(layer: nn.Module) -> tuple[str, ...]:
+    """Names of a mixture layer's routing linears (one row per expert)."""
+    return getattr(layer, "ROUTERS", ("gating", "noise_gating"))
+
+
+def experts_name(layer: nn.Module) -> str:
+    """Attribute holding a mixture layer's experts (``expert_layers`` for SharedTrunkMoE)."""
+    return "expert_layers" if hasattr(layer, "expert_layers") else "experts"
+
+
+def input_size(layer: nn.Module) -> int:
+    """Width of a mixture layer's input."""
+    return layer.config.get("input_size", layer.config.get("hidden_size"))
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
