@@ -12,7 +12,7 @@ TEST_ENV := MOE_LAB_PROFILE=ci OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 MPLBACKEND=Ag
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e '.[course,dev]'
+	$(BIN)/python -m pip install -e '.[course,hf,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

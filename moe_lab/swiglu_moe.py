@@ -1,0 +1,108 @@
+"""A top-k mixture of SwiGLU experts, the block used by Mixtral, OLMoE and Qwen-MoE.
+
+Each expert is ``down(act(gate(x)) * up(x))`` with its own three bias-free projections,
+stored as ``nn.Linear`` modules (not fused 3-D tensors), so every technique of
+:mod:`moe_lab.compress` applies to them. The router is a bias-free linear ``gate``: softmax
+over all experts, top-k, optionally renormalised (``norm_topk_prob``). Qwen2-MoE adds a
+``shared_expert`` that every token uses, scaled by ``sigmoid(shared_expert_gate(x))``.
+Tokens are grouped by expert exactly as in :class:`moe_lab.TopKMoE`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from moe_lab._checks import last_dim, positive_int
+from moe_lab.activations import get_activation
+from moe_lab.routing import Routing, load_balancing_loss, plan_dispatch, router_z_loss, top_k_routing
+
+
+class SwiGLUExpert(nn.Module):
+    """``down_proj(act(gate_proj(x)) * up_proj(x))``: ``(..., hidden) -> (..., hidden)``."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str = "silu"):
+        super().__init__()
+        positive_int("hidden_size", hidden_size)
+        positive_int("intermediate_size", intermediate_size)
+        self._act = get_activation(activation)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self._act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SwiGLUMoE(nn.Module):
+    """Top-k routed SwiGLU experts, optionally with a gated shared expert (Qwen2-MoE).
+
+    Args:
+        num_experts, hidden_size, intermediate_size: ``E``, the model width ``H`` and each
+            expert's inner width ``I``.
+        k: experts per token.
+        normalize: renormalise the k gates to sum to one (Mixtral; ``norm_topk_prob``).
+        activation: the expert activation (``"silu"`` for all the supported families).
+        shared_expert_size: inner width of a shared expert (``None``: no shared expert).
+
+    Shapes: ``x`` is ``(..., H)``; the result is ``(..., H)``. After each forward the layer
+    holds ``tokens_per_expert``, ``dropped_tokens`` (always 0), ``last_routing`` and the
+    unweighted ``load_balancing_loss`` / ``router_z_loss`` like :class:`moe_lab.TopKMoE`
+    (``aux_loss`` is ``None``: these models are compressed, not pre-trained, here).
+    """
+
+    ROUTERS = ("gate",)
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, k: int = 2, *,
+                 normalize: bool = True, activation: str = "silu", shared_expert_size: int | None = None):
+        super().__init__()
+        positive_int("num_experts", num_experts)
+        positive_int("k", k)
+        if k > num_experts:
+            raise ValueError(f"k must be <= num_experts ({num_experts}), got {k}")
+        if shared_expert_size is not None:
+            positive_int("shared_expert_size", shared_expert_size)
+        self.config = dict(num_experts=num_experts, hidden_size=hidden_size,
+                           intermediate_size=intermediate_size, k=k, normalize=normalize,
+                           activation=activation, shared_expert_size=shared_expert_size)
+        self.num_experts, self.k = num_experts, k
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.experts = nn.ModuleList([SwiGLUExpert(hidden_size, intermediate_size, activation)
+                                      for _ in range(num_experts)])
+        if shared_expert_size is not None:
+            self.shared_expert = SwiGLUExpert(hidden_size, shared_expert_size, activation)
+            self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
+        self.tokens_per_expert = self.dropped_tokens = self.last_routing = None
+        self.load_balancing_loss = self.router_z_loss = self.aux_loss = None
+
+    def route(self, x: torch.Tensor) -> Routing:
+        """Routing for ``x`` ``(..., H)`` flattened to ``n`` tokens (softmax in float32)."""
+        last_dim("x", x, self.config["hidden_size"])
+        logits = self.gate(x.reshape(-1, x.shape[-1]))
+        routing = top_k_routing(logits.float(), self.k, routing="softmax_topk",
+                                normalize=self.config["normalize"])
+        routing.gates = routing.gates.to(x.dtype)
+        return routing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        routing = self.route(x)
+        flat = x.reshape(-1, x.shape[-1])
+        plan = plan_dispatch(routing.indices, routing.gates, self.num_experts)
+        routed = flat.index_select(0, plan.token_index)
+        hidden = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, routed.split(plan.counts))])
+        hidden = hidden * plan.gate.unsqueeze(1)
+        out = torch.zeros_like(flat).index_add_(0, plan.token_index, hidden)
+        if self.config["shared_expert_size"] is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+        self.tokens_per_expert, self.dropped_tokens = plan.tokens_per_expert, 0
+        self.load_balancing_loss = load_balancing_loss(routing.probs, routing.indices)
+        self.router_z_loss = router_z_loss(routing.logits)
+        self.last_routing = Routing(*(t.detach() for t in (routing.logits, routing.probs, routing.gates,
+                                                            routing.indices)))
+        return out.reshape(x.shape)
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        for name in ("load_balancing_loss", "router_z_loss", "last_routing"):
+            state[name] = None
+        return state
