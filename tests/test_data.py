@@ -159,3 +159,26 @@ def test_wikitext_download_route_writes_splits(empty_cache, monkeypatch):
     data = load_wikitext2(verbose=False)
     assert data.train_split == "train"
     assert data.vocab.decode(data.train) == ["train", "words", "here", "<eos>"]
+
+
+def test_unigram_perplexity():
+    from moe_lab.data import unigram_perplexity
+
+    train = torch.tensor([0, 0, 1, 1])
+    assert unigram_perplexity(train, torch.tensor([0, 1]), 2) == pytest.approx(2.0)
+    skewed = unigram_perplexity(torch.tensor([0] * 98 + [1] * 2), torch.tensor([0, 0, 0]), 2, smoothing=1e-9)
+    assert skewed == pytest.approx(1 / 0.98, rel=1e-6)
+    with pytest.raises(ValueError, match="smoothing"):
+        unigram_perplexity(train, train, 2, smoothing=0)
+
+
+def test_augment_images_crops_and_flips_within_the_padding():
+    from moe_lab.data import augment_images
+
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    out = augment_images(images, torch.Generator().manual_seed(0), padding=2)
+    assert out.shape == images.shape
+    same = augment_images(images, torch.Generator().manual_seed(0), padding=0)
+    assert all(torch.equal(same[i], images[i]) or torch.equal(same[i], images[i].flip(2)) for i in range(2))
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        augment_images(torch.zeros(3, 8, 8))

@@ -123,6 +123,17 @@ def load_wikitext2(data_dir: str | Path | None = None, *, download: bool | None 
                     train_split=train_split, source=test_path.parent)
 
 
+def unigram_perplexity(train: torch.Tensor, test: torch.Tensor, vocab_size: int, smoothing: float = 1.0
+                       ) -> float:
+    """Perplexity on ``test`` of the unigram model fitted on ``train`` (add-``smoothing`` counts):
+    the baseline a language model must beat to show it uses any context or even word order."""
+    if smoothing <= 0:
+        raise ValueError(f"smoothing must be > 0, got {smoothing}")
+    counts = torch.bincount(train, minlength=vocab_size).double() + smoothing
+    log_probs = (counts / counts.sum()).log()
+    return float(torch.exp(-log_probs[test].mean()))
+
+
 def make_lm_blocks(ids: torch.Tensor, context_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Cut a ``(num_tokens,)`` stream into non-overlapping ``(N, context_size)`` input blocks
     and their next-token targets (the same blocks shifted by one). A short tail is dropped."""
