@@ -13,33 +13,33 @@
 from moe_lab.compress.distill import distill, distillation_loss
 from moe_lab.compress.lowrank import low_rank_experts, low_rank_from_linear, rank_for_energy
 from moe_lab.compress.pipeline import (
-                                       CompressionReport,
-                                       ExpertPrune,
-                                       FineTune,
-                                       LowRank,
-                                       MagnitudePrune,
-                                       MergeExperts,
-                                       Quantize,
-                                       compress,
+    CompressionReport,
+    ExpertPrune,
+    FineTune,
+    LowRank,
+    MagnitudePrune,
+    MergeExperts,
+    Quantize,
+    compress,
 )
 from moe_lab.compress.prune import (
-                                       expert_usage,
-                                       magnitude_prune,
-                                       prune_experts,
-                                       prune_hidden_units,
-                                       prune_model_experts,
-                                       select_experts,
-                                       to_sparse,
+    expert_usage,
+    magnitude_prune,
+    prune_experts,
+    prune_hidden_units,
+    prune_model_experts,
+    select_experts,
+    to_sparse,
 )
 from moe_lab.compress.quantize import (
-                                       QuantizedLinear,
-                                       bits_by_usage,
-                                       dequantize_tensor,
-                                       expert_sensitivity,
-                                       pack_int4,
-                                       quantize_experts,
-                                       quantize_tensor,
-                                       unpack_int4,
+    QuantizedLinear,
+    bits_by_usage,
+    dequantize_tensor,
+    expert_sensitivity,
+    pack_int4,
+    quantize_experts,
+    quantize_tensor,
+    unpack_int4,
 )
 from moe_lab.compress.share import BaseDeltaLinear, base_delta_experts, group_experts, merge_experts
 from moe_lab.compress.sparse import SparseLinear, sparse_bytes
