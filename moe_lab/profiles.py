@@ -29,11 +29,25 @@ class Profile:
     cifar_train_per_class: int
     cifar_test_per_class: int
     cifar_epochs: int
+    cifar_channels: tuple[int, ...]
+    cifar_pool_size: int
+    cifar_num_experts: int
+    cifar_expert_size: int
+    cifar_hidden_size: int
+    cifar_lr: float
+    cifar_batch_size: int
     # WikiText-2
     lm_train_tokens: int | None  # None: the whole training split
     lm_eval_tokens: int | None
     lm_context: int
     lm_steps: int
+    lm_embedding_dim: int
+    lm_num_layers: int
+    lm_num_heads: int
+    lm_num_experts: int
+    lm_expert_size: int
+    lm_lr: float
+    lm_batch_size: int
     batch_size: int = 128
 
 
@@ -41,13 +55,19 @@ PROFILES = {
     "default": Profile(name="default", synthetic_train=8000, synthetic_test=2000, synthetic_epochs=20,
                        synthetic_batch_size=16, synthetic_lr=1e-2,
                        timing_tokens=4096, cifar_train_per_class=1000, cifar_test_per_class=500,
-                       cifar_epochs=15, lm_train_tokens=None, lm_eval_tokens=None, lm_context=64,
-                       lm_steps=1500),
+                       cifar_epochs=15, cifar_channels=(32, 64, 128), cifar_pool_size=2, cifar_num_experts=4,
+                       cifar_expert_size=256, cifar_hidden_size=256, cifar_lr=2e-3, cifar_batch_size=128,
+                       lm_train_tokens=None, lm_eval_tokens=None, lm_context=64, lm_steps=1500,
+                       lm_embedding_dim=128, lm_num_layers=2, lm_num_heads=4, lm_num_experts=4,
+                       lm_expert_size=256, lm_lr=2e-3, lm_batch_size=32),
     "ci": Profile(name="ci", synthetic_train=2000, synthetic_test=1000, synthetic_epochs=8,
                   synthetic_batch_size=16, synthetic_lr=1e-2,
                   timing_tokens=1024, cifar_train_per_class=100, cifar_test_per_class=50,
-                  cifar_epochs=2, lm_train_tokens=40_000, lm_eval_tokens=20_000, lm_context=32,
-                  lm_steps=100),
+                  cifar_epochs=2, cifar_channels=(16, 32), cifar_pool_size=2, cifar_num_experts=4,
+                  cifar_expert_size=64, cifar_hidden_size=64, cifar_lr=3e-3, cifar_batch_size=64,
+                  lm_train_tokens=40_000, lm_eval_tokens=20_000, lm_context=32, lm_steps=100,
+                  lm_embedding_dim=64, lm_num_layers=1, lm_num_heads=2, lm_num_experts=4,
+                  lm_expert_size=128, lm_lr=3e-3, lm_batch_size=16),
 }
 
 
