@@ -61,12 +61,15 @@ def task_loss(logits: torch.Tensor, targets: torch.Tensor, task: str) -> torch.T
 
 def train(model: nn.Module, data, *, epochs: int = 1, lr: float = 1e-3, batch_size: int = 128,
           task: str = "classification", weight_decay: float = 0.0, max_steps: int | None = None,
-          seed: int = 0, progress: bool = True, optimizer: torch.optim.Optimizer | None = None
-          ) -> list[float]:
+          seed: int = 0, progress: bool = True, optimizer: torch.optim.Optimizer | None = None,
+          transform=None, schedule: bool = False) -> list[float]:
     """Train ``model`` with AdamW; return the mean training loss of each epoch.
 
     Stops early after ``max_steps`` optimiser steps if given. The loss includes every
     ``TopKMoE`` layer's ``aux_loss`` (load balancing, z-loss) for that batch.
+    ``transform(inputs)`` (e.g. :func:`moe_lab.data.augment_images`) is applied to each
+    training batch; ``schedule=True`` decays the learning rate to zero with a cosine over
+    the run (one-cycle style runs converge faster in few epochs).
     """
     positive_int("epochs", epochs)
     finite_float("lr", lr, minimum=0.0, strict=True)
@@ -74,17 +77,23 @@ def train(model: nn.Module, data, *, epochs: int = 1, lr: float = 1e-3, batch_si
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     loader = as_loader(data, batch_size, shuffle=True, seed=seed)
     optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    total_steps = min(epochs * len(loader), max_steps or epochs * len(loader))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps) if schedule else None
     history, steps = [], 0
     model.train()
     for epoch in range(epochs):
         total, count = 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
         for inputs, targets in bar:
+            if transform is not None:
+                inputs = transform(inputs)
             loss = task_loss(model(inputs), targets, task)
             aux = collect_aux_loss(model)
             optimizer.zero_grad(set_to_none=True)
             (loss if aux is None else loss + aux).backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             total += loss.item() * len(inputs)
             count += len(inputs)
             steps += 1

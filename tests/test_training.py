@@ -67,3 +67,19 @@ def test_profiles(monkeypatch):
     monkeypatch.setenv("MOE_LAB_PROFILE", "huge")
     with pytest.raises(ValueError, match="MOE_LAB_PROFILE"):
         get_profile()
+
+
+def test_transform_and_schedule():
+    task = make_clustered_task(256, 16)
+    model = nn.Linear(16, 4)
+    seen = []
+
+    def transform(x):
+        seen.append(x.shape[0])
+        return x + 0.0
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    train(model, task.train, epochs=2, batch_size=64, progress=False, transform=transform, schedule=True,
+          optimizer=optimizer)
+    assert sum(seen) == 512
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)  # cosine decayed to zero
