@@ -7,7 +7,7 @@ JOBS ?= 2
 # Notebooks run in parallel workers; one BLAS thread each keeps 2 cores from thrashing.
 TEST_ENV := MOE_LAB_PROFILE=ci OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 MPLBACKEND=Agg
 
-.PHONY: install lab test unit notebooks bench lint clean
+.PHONY: install lab test unit notebooks bench bench-hf study lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ notebooks: install
 
 bench: install
 	$(BIN)/python bench/dispatch.py
+
+bench-hf: install
+	$(BIN)/python bench/hf_dispatch.py
 
 lint: install
 	$(BIN)/ruff check moe_lab tests bench

@@ -21,3 +21,14 @@ def test_dispatch_bench_rejects_bad_arguments():
     run = subprocess.run([sys.executable, str(BENCH), "--ks", "9"], capture_output=True, text=True,
                          timeout=60)
     assert run.returncode != 0 and "--ks must be in" in run.stderr
+
+
+def test_hf_dispatch_bench_smoke():
+    import pytest
+
+    pytest.importorskip("transformers")
+    script = Path(__file__).parents[1] / "bench" / "hf_dispatch.py"
+    run = subprocess.run([sys.executable, str(script), "--tokens", "16", "--hidden", "32", "--inner", "64",
+                          "--rounds", "1", "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "eager/ours" in run.stdout and "] moe_lab at least as fast" in run.stdout
