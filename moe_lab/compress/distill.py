@@ -43,15 +43,17 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 
 def distill(teacher: nn.Module, student: nn.Module, data, *, temperature: float = 2.0, alpha: float = 0.5,
-            epochs: int = 1, lr: float = 1e-3, batch_size: int = 128, seed: int = 0,
-            progress: bool = True) -> list[float]:
+            epochs: int = 1, lr: float = 1e-3, batch_size: int = 128, weight_decay: float = 0.0,
+            seed: int = 0, progress: bool = True) -> list[float]:
     """Train ``student`` to match ``teacher`` on ``data`` (a DataLoader or ``(inputs, targets)``);
     return the mean distillation loss per epoch. The teacher is frozen in eval mode; the
-    student's MoE auxiliary losses are added. Same loop as :func:`moe_lab.train` otherwise."""
+    student's MoE auxiliary losses are added. Same loop and defaults as :func:`moe_lab.train`
+    otherwise (AdamW, ``weight_decay=0`` unless given), so a labels-only baseline trained with
+    ``train`` differs only in the loss."""
     positive_int("epochs", epochs)
     finite_float("lr", lr, minimum=0.0, strict=True)
     loader = as_loader(data, batch_size, shuffle=True, seed=seed)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=lr)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=weight_decay)
     teacher.eval()
     student.train()
     history = []
