@@ -1,0 +1,146 @@
+"""Judging compressed models: one table with quality (and its uncertainty), size, work and speed.
+
+:func:`report` measures every model on the same data and returns a pandas DataFrame. Size is
+the saved artifact (:func:`moe_lab.model_bytes`), never ``numel``: the deck's
+``sum(p.numel() for p in model.parameters())`` does not move when weights are zeroed or
+stored as int8.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moe_lab.compress.targets import moe_layers
+from moe_lab.diagnostics import expert_share, utilisation_entropy
+from moe_lab.measure import active_params_per_token, flops_per_token, latency, model_bytes, param_count
+from moe_lab.training import TASKS, as_loader
+
+
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for a proportion (accuracy) from ``successes`` out of ``n``."""
+    if n < 1 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n and n >= 1, got {successes} of {n}")
+    z = _z(confidence)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _z(confidence: float) -> float:
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    return float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.5 + confidence / 2)))
+
+
+def mean_interval(values: torch.Tensor, confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean of ``values`` and a normal-approximation interval for it: ``(mean, low, high)``."""
+    values = values.double().reshape(-1)
+    mean = float(values.mean())
+    if values.numel() < 2:
+        return mean, mean, mean
+    half = _z(confidence) * float(values.std()) / math.sqrt(values.numel())
+    return mean, mean - half, mean + half
+
+
+@torch.no_grad()
+def _quality(model: nn.Module, data, task: str, batch_size: int, confidence: float) -> tuple[dict, dict]:
+    """Task metric with its interval, plus expert load per MoE layer (routed token counts, or a
+    dense layer's summed gate weights)."""
+    layers = moe_layers(model)
+    counts = {name: torch.zeros(layer.num_experts, dtype=torch.float64) for name, layer in layers}
+    seen = {}
+    hooks = [layer.register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__(name, args[0]))
+             for name, layer in layers]
+    losses, correct = [], 0
+    model.eval()
+    try:
+        for inputs, targets in as_loader(data, batch_size, shuffle=False):
+            logits = model(inputs)
+            for name, layer in layers:
+                if getattr(layer, "tokens_per_expert", None) is not None:
+                    counts[name] += layer.tokens_per_expert.double()
+                else:
+                    gates = layer.gate_probs(seen[name]).reshape(-1, layer.num_experts)
+                    counts[name] += gates.sum(0).double()
+            if task == "classification":
+                correct += int((logits.argmax(-1) == targets).sum())
+                losses.append(F.cross_entropy(logits, targets, reduction="none"))
+            else:  # one mean loss per sequence: tokens inside a sequence are not independent
+                token_losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                               reduction="none")
+                losses.append(token_losses.view(targets.shape).mean(dim=1))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    losses = torch.cat(losses)
+    if task == "classification":
+        n = losses.numel()
+        low, high = wilson_interval(correct, n, confidence)
+        row = {"metric": "accuracy", "value": correct / n, "ci_low": low, "ci_high": high, "n": n}
+    else:
+        mean, low, high = mean_interval(losses, confidence)
+        row = {"metric": "perplexity", "value": math.exp(mean), "ci_low": math.exp(low),
+               "ci_high": math.exp(high), "n": losses.numel()}
+    return row, counts
+
+
+def report(models: dict[str, nn.Module], data, *, task: str = "classification", example=None,
+           batch_size: int = 256, confidence: float = 0.95, latency_repeats: int = 10):
+    """A table (pandas DataFrame, one row per model) for comparing compressed models.
+
+    Columns: ``metric`` (accuracy or perplexity), ``value`` with ``ci_low``/``ci_high``
+    (Wilson interval for accuracy; for perplexity an interval on the mean per-sequence loss,
+    exponentiated), ``n``, ``bytes`` (saved artifact), ``ratio`` (the first model's bytes
+    divided by this one's), ``params`` (float parameters left), ``active_params`` per
+    token, ``flops_per_token`` (measured on ``example``), ``latency_ms`` (median, one
+    forward of ``example``), ``expert_share`` (per MoE layer, the share of routed tokens
+    each expert got on ``data``) and ``utilisation`` (normalised entropy of those shares,
+    averaged over layers; 1.0 = even use).
+
+    ``data`` is a DataLoader or ``(inputs, targets)``; ``example`` defaults to the first
+    batch of at most 64 inputs.
+    """
+    import pandas as pd
+
+    if not isinstance(models, dict) or not models:
+        raise TypeError("models must be a non-empty dict {name: model}")
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if example is None:
+        example = next(iter(as_loader(data, 64, shuffle=False)))[0]
+    rows, first_bytes = [], None
+    for name, model in models.items():
+        quality, counts = _quality(model, data, task, batch_size, confidence)
+        size = model_bytes(model)
+        first_bytes = first_bytes or size
+        shares = {layer or "moe": [round(float(s), 4) for s in expert_share(c)]
+                  for layer, c in counts.items()}
+        entropies = [utilisation_entropy(c) for c in counts.values()]
+        rows.append({"model": name, **quality, "bytes": size, "ratio": first_bytes / size,
+                     "params": param_count(model), "active_params": active_params_per_token(model),
+                     "flops_per_token": flops_per_token(model, example),
+                     "latency_ms": 1e3 * latency(model, example, warmup=2, repeats=latency_repeats),
+                     "expert_share": shares,
+                     "utilisation": sum(entropies) / len(entropies) if entropies else float("nan")})
+    return pd.DataFrame(rows).set_index("model")
+
+
+def pareto_front(sizes, scores, higher_is_better: bool = True) -> list[int]:
+    """Indices of the points no other point beats on both size (smaller) and score, sorted by size."""
+    sizes, scores = list(sizes), list(scores)
+    if len(sizes) != len(scores):
+        raise ValueError(f"sizes and scores differ in length ({len(sizes)} vs {len(scores)})")
+    sign = 1 if higher_is_better else -1
+    front = []
+    for i in range(len(sizes)):
+        dominated = any(sizes[j] <= sizes[i] and sign * scores[j] >= sign * scores[i]
+                        and (sizes[j] < sizes[i] or sign * scores[j] > sign * scores[i])
+                        for j in range(len(sizes)))
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: sizes[i])
