@@ -35,6 +35,14 @@ bench: install
 bench-hf: install
 	$(BIN)/python bench/hf_dispatch.py
 
+# A headless compression study; override TASK, RECIPE, PROFILE or OUT on the command line.
+TASK ?= synthetic
+RECIPE ?= prune-experts=0.25,lowrank=0.5,int8,finetune=1
+PROFILE ?= default
+OUT ?= study-out
+study: install
+	$(BIN)/python -m moe_lab study --task $(TASK) --recipe $(RECIPE) --profile $(PROFILE) --out $(OUT)
+
 lint: install
 	$(BIN)/ruff check moe_lab tests bench
 
