@@ -59,3 +59,18 @@ def test_low_rank_experts_replaces_experts_only():
         low_rank_experts(SoftMoE(3, 32, 32, 8), 16)
     with pytest.raises(ValueError, match="no MoE layer"):
         low_rank_experts(nn.Linear(3, 3), 1)
+
+
+def test_low_rank_of_a_quantized_expert_uses_its_dequantized_weight():
+    from moe_lab import TopKMoE, model_bytes
+    from moe_lab.compress import QuantizedLinear, low_rank_experts, quantize_experts
+
+    layer = quantize_experts(TopKMoE(4, 64, 64, 8), 8)
+    q = layer.experts[0]
+    low = low_rank_from_linear(q, rank=64)
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(low(x), q(x), rtol=1e-4, atol=1e-4)
+    before = model_bytes(layer)
+    low_rank_experts(layer, 4)  # float factors: rank 8 would already cost as much as the int8 matrix
+    assert not isinstance(layer.experts[0], QuantizedLinear)
+    assert model_bytes(layer) < before

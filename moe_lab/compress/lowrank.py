@@ -15,6 +15,13 @@ from moe_lab._checks import finite_float
 from moe_lab.low_rank import LowRankLinear
 
 
+def _is_linear_like(module: nn.Module) -> bool:
+    from moe_lab.compress.quantize import QuantizedLinear
+    from moe_lab.compress.sparse import SparseLinear
+
+    return type(module) in (nn.Linear, QuantizedLinear, SparseLinear)
+
+
 def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:
     """Smallest rank whose singular values keep ``energy`` (in (0, 1]) of ``sum(s**2)``."""
     finite_float("energy", energy, minimum=0.0, strict=True)
@@ -31,9 +38,12 @@ def low_rank_from_linear(linear: nn.Linear, rank: int | None = None, *, energy: 
 
     Give either ``rank`` (1 .. min(out, in)) or ``energy`` (fraction of spectral energy to
     keep). At full rank the outputs equal the original layer's up to float rounding.
+    A :class:`~moe_lab.compress.QuantizedLinear` or :class:`~moe_lab.compress.SparseLinear`
+    is factorised from its dequantized / dense weight (the factors are float again).
     """
-    if not isinstance(linear, nn.Linear):
-        raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+    if not _is_linear_like(linear):
+        raise TypeError(f"linear must be an nn.Linear (or a quantized or sparse one), "
+                        f"got {type(linear).__name__}")
     if (rank is None) == (energy is None):
         raise ValueError("give exactly one of rank or energy")
     weight = linear.weight.detach()
@@ -67,10 +77,10 @@ def low_rank_experts(model: nn.Module, rank: int | None = None, *, energy: float
     for prefix, layer in layers:
         heads = [experts_name(layer)] + (["output"] if include_output else [])
         targets = [(name, m) for name, m in layer.named_modules()
-                   if type(m) is nn.Linear and name.split(".")[0] in heads]
+                   if _is_linear_like(m) and name.split(".")[0] in heads]
         for name, module in targets:
             low = low_rank_from_linear(module, rank, energy=energy)
-            out_f, in_f = module.weight.shape
+            out_f, in_f = module.out_features, module.in_features
             if energy is None and low.rank * (in_f + out_f) >= in_f * out_f:
                 raise ValueError(f"rank {low.rank} does not shrink a {out_f}x{in_f} matrix "
                                  f"(break-even rank {in_f * out_f // (in_f + out_f)})")
