@@ -30,12 +30,13 @@ def _loadable_classes() -> dict[str, type[nn.Module]]:
     from moe_lab.compress.sparse import SparseLinear
     from moe_lab.low_rank import LowRankLinear
     from moe_lab.models import ImageClassifierMoE, LanguageModelMoE
+    from moe_lab.slot_moe import SlotSoftMoE
     from moe_lab.soft_moe import SharedTrunkMoE, SoftMoE
     from moe_lab.swiglu_moe import SwiGLUMoE
     from moe_lab.topk_moe import TopKMoE
 
     classes = [SoftMoE, SharedTrunkMoE, TopKMoE, LowRankLinear, QuantizedLinear, SparseLinear,
-               BaseDeltaLinear, SwiGLUMoE, ImageClassifierMoE, LanguageModelMoE, nn.Linear]
+               BaseDeltaLinear, SwiGLUMoE, ImageClassifierMoE, LanguageModelMoE, SlotSoftMoE, nn.Linear]
     return {cls.__name__: cls for cls in classes}
 
 
@@ -119,6 +120,10 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     """Split a state_dict into unique tensors and ``{alias: original}`` for shared ones."""
     unique, aliases, seen = {}, {}, {}
     for name, tensor in state.items():
+        if type(tensor) not in (torch.Tensor, nn.Parameter):
+            raise TypeError(f"cannot save {name!r}: it is a {type(tensor).__name__} tensor subclass "
+                            f"(torchao and similar runtime formats are for speed, not moe_lab artifacts); "
+                            f"save the model before converting it, or use moe_lab.compress.quantize_experts")
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
                tuple(tensor.stride()), tensor.dtype) if tensor.numel() else None
         if key is not None and key in seen:

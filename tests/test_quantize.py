@@ -124,3 +124,10 @@ def test_mixed_precision_by_usage_and_sensitivity():
         quantize_experts(TopKMoE(4, 16, 32, 8), bits=[8, 8, 4])
     with pytest.raises(ValueError, match="high_bits must be one of"):
         bits_by_usage(torch.ones(3), high_bits=16)
+
+
+def test_quantize_experts_refuses_a_bare_linear():
+    from moe_lab.compress import quantize_experts
+
+    with pytest.raises(ValueError, match="cannot replace the model itself"):
+        quantize_experts(nn.Linear(8, 8), 8)

@@ -54,6 +54,10 @@ def expert_linears(model: nn.Module, include_router: bool = False) -> Iterator[t
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` at the dotted path ``name`` inside ``model``."""
+    if not name:
+        raise ValueError(f"cannot replace the model itself ({type(model).__name__}) in place: apply this "
+                         f"to a model or layer that contains it, or convert it directly "
+                         f"(e.g. QuantizedLinear.from_linear)")
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
