@@ -166,7 +166,9 @@ class LanguageModelMoE(nn.Module):
             for _ in range(num_layers)])
         self.norm = nn.LayerNorm(embedding_dim)
         self.output = nn.Linear(embedding_dim, vocab_size, bias=False)
+        # GPT-2's scale for both tables: nn.Embedding's default N(0, 1) positions would drown the tokens
         nn.init.normal_(self.embedding.weight, std=0.02)
+        nn.init.normal_(self.position.weight, std=0.02)
         if tie_weights:
             self.output.weight = self.embedding.weight
 

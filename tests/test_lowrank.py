@@ -49,8 +49,8 @@ def test_low_rank_experts_replaces_experts_only():
 
     layer = SoftMoE(3, 32, 32, 8)
     x = torch.randn(6, 32)
-    exact = low_rank_experts(SoftMoE(3, 32, 32, 8), energy=1.0)
-    assert all(isinstance(e, LowRankLinear) for e in exact.experts)
+    half = low_rank_experts(SoftMoE(3, 32, 32, 8), energy=0.5)
+    assert all(isinstance(e, LowRankLinear) and e.rank < 16 for e in half.experts)
     reference = layer(x)
     low_rank_experts(layer, 15)
     assert all(e.rank == 15 for e in layer.experts) and type(layer.output) is nn.Linear
@@ -74,3 +74,11 @@ def test_low_rank_of_a_quantized_expert_uses_its_dequantized_weight():
     low_rank_experts(layer, 4)  # float factors: rank 8 would already cost as much as the int8 matrix
     assert not isinstance(layer.experts[0], QuantizedLinear)
     assert model_bytes(layer) < before
+
+
+def test_energy_that_would_grow_a_matrix_leaves_it_dense():
+    from moe_lab import SoftMoE
+    from moe_lab.compress import low_rank_experts
+
+    layer = low_rank_experts(SoftMoE(2, 16, 16, 4), energy=1.0)  # full rank 16 > break-even 8
+    assert all(type(e) is nn.Linear for e in layer.experts)

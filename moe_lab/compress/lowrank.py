@@ -66,8 +66,9 @@ def low_rank_experts(model: nn.Module, rank: int | None = None, *, energy: float
     place (see :func:`low_rank_from_linear`); the router, and the output projection unless
     ``include_output``, stay as they are. Returns ``model``.
 
-    A rank above a matrix's break-even ``in * out / (in + out)`` would grow it, so such a
-    request raises instead of silently costing bytes.
+    A rank above a matrix's break-even ``in * out / (in + out)`` would grow it: an explicit
+    ``rank`` that does so raises; with ``energy``, a matrix that would need such a rank is
+    left as it is (it cannot be compressed by this method at that energy).
     """
     from moe_lab.compress.targets import experts_name, moe_layers, replace_module
 
@@ -81,7 +82,9 @@ def low_rank_experts(model: nn.Module, rank: int | None = None, *, energy: float
         for name, module in targets:
             low = low_rank_from_linear(module, rank, energy=energy)
             out_f, in_f = module.out_features, module.in_features
-            if energy is None and low.rank * (in_f + out_f) >= in_f * out_f:
+            if low.rank * (in_f + out_f) >= in_f * out_f:
+                if energy is not None:
+                    continue
                 raise ValueError(f"rank {low.rank} does not shrink a {out_f}x{in_f} matrix "
                                  f"(break-even rank {in_f * out_f // (in_f + out_f)})")
             replace_module(model, f"{prefix}.{name}" if prefix else name, low)
