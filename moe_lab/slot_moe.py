@@ -1,0 +1,118 @@
+"""Soft MoE with slots (Puigcerver et al. 2023, "From Sparse to Soft Mixtures of Experts").
+
+A sparse top-k layer makes a hard, discrete choice per token (and may drop tokens when an
+expert is full); :class:`moe_lab.SoftMoE` runs every expert on every token. Soft MoE sits in
+between: each expert owns ``slots_per_expert`` *slots*; every slot is a weighted average of
+the tokens of one sequence (dispatch weights: a softmax over the tokens), each expert runs
+only on its slots, and every token takes a weighted average of all slot outputs (combine
+weights: a softmax over the slots). No token is dropped, nothing is discrete, and the work
+in the experts depends on the number of slots, not on the number of tokens.
+
+The price: a slot mixes *all* tokens of a sequence, the future ones too, so the layer is not
+causal and cannot be used as-is in a decoder language model; and a token's output depends on
+the other tokens of its sequence (never on other sequences of the batch).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from moe_lab._checks import last_dim, positive_int
+from moe_lab.activations import get_activation
+
+
+class SlotSoftMoE(nn.Module):
+    """Soft MoE layer over sequences: tokens -> slots -> experts -> tokens.
+
+    Args:
+        num_experts: number of experts ``E``.
+        slots_per_expert: slots ``S`` each expert processes per sequence (``n = E * S`` slots).
+        input_size: token width ``d``.
+        expert_size: width ``h`` of each expert's output.
+        output_size: width ``o`` of the layer's output (a shared projection ``h -> o``).
+        activation: ``None`` (linear experts), ``"relu"``, ``"gelu"`` or ``"silu"``, applied to
+            each expert's output.
+
+    Parameters: ``phi`` ``(d, n)`` (one learned vector per slot), ``experts`` (``E`` linears
+    ``d -> h``), ``output`` (``h -> o``).
+
+    Shapes: ``x`` is ``(batch, tokens, d)``; the result is ``(batch, tokens, o)``.
+    ``logits = x @ phi`` is ``(batch, tokens, n)``; the dispatch weights are its softmax over
+    the tokens (dim 1), the combine weights its softmax over the slots (dim 2).
+
+    The paper also L2-normalises ``x`` and ``phi`` (with a learned scale) for large widths;
+    this small layer leaves that out.
+    """
+
+    def __init__(self, num_experts: int, slots_per_expert: int, input_size: int, expert_size: int,
+                 output_size: int, *, activation: str | None = None):
+        super().__init__()
+        for name, value in [("num_experts", num_experts), ("slots_per_expert", slots_per_expert),
+                            ("input_size", input_size), ("expert_size", expert_size),
+                            ("output_size", output_size)]:
+            positive_int(name, value)
+        self._act = get_activation(activation)
+        self.config = dict(num_experts=num_experts, slots_per_expert=slots_per_expert,
+                           input_size=input_size, expert_size=expert_size, output_size=output_size,
+                           activation=activation)
+        self.num_experts = num_experts
+        self.slots_per_expert = slots_per_expert
+        self.num_slots = num_experts * slots_per_expert
+        self.phi = nn.Parameter(torch.randn(input_size, self.num_slots) / math.sqrt(input_size))
+        self.experts = nn.ModuleList([nn.Linear(input_size, expert_size) for _ in range(num_experts)])
+        self.output = nn.Linear(expert_size, output_size)
+
+    def _check(self, x: torch.Tensor) -> None:
+        last_dim("x", x, self.config["input_size"])
+        if x.dim() != 3 or x.shape[1] == 0:
+            raise ValueError(f"x must have shape (batch, tokens, {self.config['input_size']}) with at least "
+                             f"one token, got {tuple(x.shape)}")
+
+    def routing_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(dispatch, combine)``, both ``(batch, tokens, n)`` for ``x`` ``(batch, tokens, d)``.
+
+        ``dispatch[b, :, i]`` sums to one over the tokens (how slot ``i`` averages the tokens);
+        ``combine[b, t, :]`` sums to one over the slots (how token ``t`` averages the slots).
+        """
+        self._check(x)
+        logits = x @ self.phi                                       # (B, T, n)
+        return logits.softmax(dim=1), logits.softmax(dim=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dispatch, combine = self.routing_weights(x)                 # (B, T, n) each
+        batch = x.shape[0]
+        slots = dispatch.transpose(1, 2) @ x                        # (B, n, d): weighted token averages
+        slots = slots.view(batch, self.num_experts, self.slots_per_expert, -1)      # (B, E, S, d)
+        outs = torch.stack([expert(slots[:, e]) for e, expert in enumerate(self.experts)], dim=1)
+        if self._act is not None:
+            outs = self._act(outs)                                  # (B, E, S, h)
+        mixed = combine @ outs.reshape(batch, self.num_slots, -1)   # (B, T, h): weighted slot averages
+        return self.output(mixed)                                   # (B, T, o)
+
+
+def group_into_sequences(x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, tokens: int,
+                         seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Arrange examples into sequences of ``tokens`` examples of the same group, for a per-token task.
+
+    ``x`` ``(N, d)``, ``y`` ``(N,)`` and ``groups`` ``(N,)`` (e.g. the cluster ids of
+    :func:`moe_lab.data.make_clustered_task`). Within each group the examples are cut into
+    full sequences (a group's remainder is dropped); the sequences are then shuffled with
+    ``seed``. Returns ``(xs (M, tokens, d), ys (M, tokens))``.
+    """
+    positive_int("tokens", tokens)
+    if not (len(x) == len(y) == len(groups)):
+        raise ValueError(f"x, y and groups must have the same length, got {len(x)}, {len(y)}, {len(groups)}")
+    xs, ys = [], []
+    for g in torch.unique(groups):
+        members = torch.nonzero(groups == g).squeeze(1)
+        members = members[:len(members) // tokens * tokens]
+        xs.append(x[members].reshape(-1, tokens, *x.shape[1:]))
+        ys.append(y[members].reshape(-1, tokens))
+    xs, ys = torch.cat(xs), torch.cat(ys)
+    if len(xs) == 0:
+        raise ValueError(f"no group has {tokens} examples: no full sequence can be made")
+    order = torch.randperm(len(xs), generator=torch.Generator().manual_seed(seed))
+    return xs[order], ys[order]
