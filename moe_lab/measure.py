@@ -51,36 +51,54 @@ def param_count(model: nn.Module, nonzero: bool = False) -> int:
     return sum(p.numel() for p in _unique_parameters(model))
 
 
-def _own_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+def _stores_weight_as_buffers(module: nn.Module) -> bool:
+    from moe_lab.compress.quantize import QuantizedLinear
+    from moe_lab.compress.sparse import SparseLinear
+
+    return isinstance(module, (QuantizedLinear, SparseLinear))
+
+
+def _logical_size(module: nn.Module) -> int:
+    """Weights a module holds, counting quantized / sparse layers at their logical size."""
+    total = 0
+    for m in module.modules():
+        if _stores_weight_as_buffers(m):
+            total += m.in_features * m.out_features + (m.bias is not None) * m.out_features
+        else:
+            total += sum(p.numel() for p in m.parameters(recurse=False))
+    return total
 
 
 def active_params_per_token(model: nn.Module) -> int:
     """Parameters that one token (or one image) touches in a forward pass.
 
-    A :class:`~moe_lab.TopKMoE` counts its router, ``k`` of its experts (the largest, if
-    sizes differ) and its output projection; dense mixtures count every expert; an
-    ``nn.Embedding`` counts one row; every other parameter counts fully. A tied parameter
-    counts once, at its largest use (a tied output projection reads the whole matrix).
+    A top-k layer (:class:`~moe_lab.TopKMoE`, :class:`~moe_lab.SwiGLUMoE`) counts its router,
+    ``k`` of its experts (the largest, if sizes differ) and everything else it holds; dense
+    mixtures count every expert; an ``nn.Embedding`` counts one row; every other parameter
+    counts fully. A tied parameter counts once, at its largest use (a tied output projection
+    reads the whole matrix). Quantized and sparse layers count their logical weight
+    (``in * out`` + bias): they touch the same weights per token, stored more compactly.
     """
+    from moe_lab.swiglu_moe import SwiGLUMoE
+
     used: dict[int, int] = {}
 
     def use(p: torch.Tensor, n: int) -> None:
         used[id(p)] = max(used.get(id(p), 0), n)
 
     def visit(module: nn.Module) -> None:
-        if isinstance(module, TopKMoE):
+        if isinstance(module, (TopKMoE, SwiGLUMoE)):
             for name, child in module.named_children():
                 if name != "experts":
-                    for p in child.parameters():
-                        use(p, p.numel())
-            largest = sorted(module.experts, key=_own_params, reverse=True)[:module.k]
-            for expert in largest:
-                for p in expert.parameters():
-                    use(p, p.numel())
+                    visit(child)
+            for expert in sorted(module.experts, key=_logical_size, reverse=True)[:module.k]:
+                visit(expert)
             return
         if isinstance(module, nn.Embedding):
             use(module.weight, module.embedding_dim)
+            return
+        if _stores_weight_as_buffers(module):
+            used[id(module)] = _logical_size(module)
             return
         for p in module.parameters(recurse=False):
             use(p, p.numel())

@@ -94,3 +94,12 @@ def test_latency_is_a_positive_median_and_validates():
         latency(layer, torch.randn(4, 8), repeats=0)
     with pytest.raises(ValueError, match="warmup"):
         latency(layer, torch.randn(4, 8), warmup=-1)
+
+
+def test_active_params_count_quantized_weights_at_their_logical_size():
+    from moe_lab.compress import quantize_experts
+
+    layer = TopKMoE(8, 16, 32, 8, k=2)
+    before = active_params_per_token(layer)
+    quantize_experts(layer, 4)
+    assert active_params_per_token(layer) == before

@@ -52,6 +52,12 @@ def magnitude_prune(model: nn.Module, sparsity: float, *, scope: str = "layer",
     sparsity = _check_sparsity(sparsity)
     if scope not in ("layer", "global"):
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+    from moe_lab.compress.quantize import QuantizedLinear
+
+    compressed = (QuantizedLinear, SparseLinear)
+    if any(isinstance(m, compressed) for _, layer in moe_layers(model) for m in layer.modules()):
+        raise ValueError("the MoE layers are already quantized or stored sparsely: magnitude-prune the float "
+                         "weights first, then quantize or store them sparsely")
     targets = [module for _, module in expert_linears(model, include_router)]
     if not targets or sparsity == 0:
         return model

@@ -135,8 +135,12 @@ def quantize_experts(model: nn.Module, bits: int | list[int] = 8, group_size: in
     Expert modules that already hold factors (low-rank) have each factor quantized; a matrix
     no wider than ``group_size`` (a rank-4 factor, say) is quantized per channel.
     """
+    from moe_lab.compress.sparse import SparseLinear
     from moe_lab.compress.targets import expert_linears, experts_name, moe_layers, replace_module
 
+    if any(isinstance(m, SparseLinear) for _, layer in moe_layers(model) for m in layer.modules()):
+        raise ValueError("the MoE layers hold sparse (bitmask) weights, which this int8/int4 format cannot "
+                         "store: quantize instead of storing sparsely, or quantize before magnitude pruning")
     per_expert = list(bits) if isinstance(bits, (list, tuple)) else None
     for bits_value in per_expert or [bits]:
         _check_bits_and_groups(bits_value, None, 2)
