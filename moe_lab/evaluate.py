@@ -4,11 +4,16 @@
 the saved artifact (:func:`moe_lab.model_bytes`), never ``numel``: the deck's
 ``sum(p.numel() for p in model.parameters())`` does not move when weights are zeroed or
 stored as int8.
+
+The module is also callable: ``moe_lab.evaluate(model, data, task=...)`` is
+:func:`moe_lab.training.evaluate` (one model, one metric), so both spellings of the name work.
 """
 
 from __future__ import annotations
 
 import math
+import sys
+import types
 
 import torch
 import torch.nn as nn
@@ -18,6 +23,16 @@ from moe_lab.compress.targets import moe_layers
 from moe_lab.diagnostics import expert_share, utilisation_entropy
 from moe_lab.measure import active_params_per_token, flops_per_token, latency, model_bytes, param_count
 from moe_lab.training import TASKS, as_loader
+from moe_lab.training import evaluate as evaluate_model
+
+
+class _CallableModule(types.ModuleType):
+    def __call__(self, model: nn.Module, data, **kwargs) -> dict[str, float]:
+        """Same as :func:`moe_lab.training.evaluate`."""
+        return evaluate_model(model, data, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:

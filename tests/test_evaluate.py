@@ -68,3 +68,13 @@ def test_bad_arguments():
         report([], (torch.zeros(2, 3), torch.zeros(2)))
     with pytest.raises(ValueError, match="task must be one of"):
         report({"m": SoftMoE(2, 3, 4, 2)}, (torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)), task="x")
+
+
+def test_moe_lab_evaluate_is_both_the_function_and_the_module():
+    import moe_lab
+    import moe_lab.evaluate as module
+
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    model = SoftMoE(2, 4, 4, 3)
+    assert moe_lab.evaluate is module and callable(module) and module.report is report
+    assert moe_lab.evaluate(model, (x, y)) == moe_lab.training.evaluate(model, (x, y))
