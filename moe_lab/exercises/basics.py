@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from moe_lab.exercises._feedback import NO_ANSWER, call, ready
 from moe_lab.soft_moe import SoftMoE
 
 HINT = ("Hint: for one token x of shape (d,): gates = softmax(layer.gating(x)) has shape (E,); "
@@ -32,23 +33,14 @@ def check_mix_one_token(fn) -> bool:
     ``None`` (or a function that returns ``None``) and feedback for a wrong answer; returns
     ``True`` only when every output matches to 1e-5. Never raises on a wrong answer.
     """
-    if fn is None:
-        print(HINT)
-        return False
-    if not callable(fn):
-        print(f"Expected a function fn(layer, x), got {type(fn).__name__}.")
+    if not ready(fn, HINT, "fn(layer, x)"):
         return False
     for layer, tokens in _cases():
         with torch.no_grad():
             expected = layer(tokens)
             for x, want in zip(tokens, expected):
-                try:
-                    got = fn(layer, x.clone())
-                except Exception as error:  # a learner's bug is feedback, not a crash
-                    print(f"Your function raised {type(error).__name__}: {error}")
-                    return False
-                if got is None:
-                    print("Your function returned None. " + HINT)
+                got = call(fn, layer, x.clone(), hint=HINT)
+                if got is NO_ANSWER:
                     return False
                 if not isinstance(got, torch.Tensor):
                     print(f"Return a torch.Tensor, got {type(got).__name__}.")

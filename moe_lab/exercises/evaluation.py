@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from moe_lab.evaluate import wilson_interval
+from moe_lab.exercises._feedback import NO_ANSWER, call, ready
 
 HINT = ("Hint: with p = successes / n and z = 1.96 (95%), the Wilson interval is centre +- half where "
         "centre = (p + z**2 / (2n)) / (1 + z**2 / n) and "
@@ -23,20 +24,11 @@ def check_wilson(fn) -> bool:
     point). Prints a hint for ``None`` and feedback for a wrong answer; returns ``True`` only
     if every bound is within 0.001. Never raises on a wrong answer.
     """
-    if fn is None:
-        print(HINT)
-        return False
-    if not callable(fn):
-        print(f"Expected a function fn(successes, n) -> (low, high), got {type(fn).__name__}.")
+    if not ready(fn, HINT, "fn(successes, n) -> (low, high)"):
         return False
     for successes, n in CASES:
-        try:
-            got = fn(successes, n)
-        except Exception as error:  # a learner's bug is feedback, not a crash
-            print(f"Your function raised {type(error).__name__}: {error}")
-            return False
-        if got is None:
-            print("Your function returned None. " + HINT)
+        got = call(fn, successes, n, hint=HINT)
+        if got is NO_ANSWER:
             return False
         try:
             low, high = (float(v) for v in got)

@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from moe_lab.compress.lowrank import low_rank_from_linear
 from moe_lab.compress.quantize import QuantizedLinear
+from moe_lab.exercises._feedback import NO_ANSWER, call, ready
 
 HINT = ("Hint: a low-rank expert is two matrices, down (rank, in) without bias and up (out, rank) with an "
         "(out,) float32 bias. Quantized per output channel, each matrix stores its integer values "
@@ -37,20 +38,11 @@ def check_expert_bytes(fn) -> bool:
     Prints a hint for ``None`` (or a function returning ``None``) and feedback for a wrong
     answer; returns ``True`` only if every case matches exactly. Never raises on a wrong answer.
     """
-    if fn is None:
-        print(HINT)
-        return False
-    if not callable(fn):
-        print(f"Expected a function fn(in_features, out_features, rank, bits), got {type(fn).__name__}.")
+    if not ready(fn, HINT, "fn(in_features, out_features, rank, bits)"):
         return False
     for in_f, out_f, rank, bits in CASES:
-        try:
-            got = fn(in_f, out_f, rank, bits)
-        except Exception as error:  # a learner's bug is feedback, not a crash
-            print(f"Your function raised {type(error).__name__}: {error}")
-            return False
-        if got is None:
-            print("Your function returned None. " + HINT)
+        got = call(fn, in_f, out_f, rank, bits, hint=HINT)
+        if got is NO_ANSWER:
             return False
         if isinstance(got, torch.Tensor) and got.numel() == 1:
             got = got.item()

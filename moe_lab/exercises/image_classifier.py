@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from moe_lab.exercises._feedback import NO_ANSWER, call, ready
+
 HINT = ("Hint: for every class c, take the rows of probs whose label is c and average them over those rows "
         "(probs[labels == c].mean(dim=0)). Stack the C averages into a (C, E) tensor: row c is the share "
         "of class c's routing that goes to each expert, so every row sums to one.")
@@ -53,21 +55,12 @@ def check_class_expert_share(fn) -> bool:
     Prints a hint for ``None`` (or a function returning ``None``) and feedback for a wrong answer;
     returns ``True`` only if every case matches (to 1e-4). Never raises on a wrong answer.
     """
-    if fn is None:
-        print(HINT)
-        return False
-    if not callable(fn):
-        print(f"Expected a function fn(probs, labels, num_classes), got {type(fn).__name__}.")
+    if not ready(fn, HINT, "fn(probs, labels, num_classes)"):
         return False
     for probs, labels, classes in _cases():
         want = class_expert_share(probs, labels, classes)
-        try:
-            got = fn(probs.clone(), labels.clone(), classes)
-        except Exception as error:  # a learner's bug is feedback, not a crash
-            print(f"Your function raised {type(error).__name__}: {error}")
-            return False
-        if got is None:
-            print("Your function returned None. " + HINT)
+        got = call(fn, probs.clone(), labels.clone(), classes, hint=HINT)
+        if got is NO_ANSWER:
             return False
         try:
             got = torch.as_tensor(np.asarray(got.detach() if isinstance(got, torch.Tensor) else got),

@@ -7,6 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from moe_lab.exercises._feedback import ready
+
 HINT = ("Hint: a language model returns logits of shape (batch, time, vocab) and the targets are "
         "token ids of shape (batch, time), already shifted by one (make_lm_blocks did that). "
         "Cross-entropy wants classes on one axis: flatten to (batch * time, vocab) logits and "
@@ -30,11 +32,7 @@ def check_next_token_loss(fn) -> bool:
     Prints a hint for ``None`` (or a function returning ``None``) and feedback for a wrong
     answer; returns ``True`` only if every case matches. Never raises on a wrong answer.
     """
-    if fn is None:
-        print(HINT)
-        return False
-    if not callable(fn):
-        print(f"Expected a function fn(logits, targets), got {type(fn).__name__}.")
+    if not ready(fn, HINT, "fn(logits, targets)"):
         return False
     generator = torch.Generator().manual_seed(0)
     for batch, time, vocab in CASES:

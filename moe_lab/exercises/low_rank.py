@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from moe_lab.exercises._feedback import ready
+
 HINT = ("Hint: u, s, vh = torch.linalg.svd(weight, full_matrices=False) gives weight = u @ diag(s) @ vh "
         "with s sorted from largest to smallest. Keep the first `rank` of each: "
         "down = sqrt(s[:rank])[:, None] * vh[:rank] has shape (rank, in) and "
@@ -36,11 +38,7 @@ def check_low_rank_factors(fn) -> bool:
     Prints a hint for ``None`` (or a function returning ``None``) and feedback for a wrong
     answer; returns ``True`` only if every seeded case is optimal. Never raises on a wrong answer.
     """
-    if fn is None:
-        print(HINT)
-        return False
-    if not callable(fn):
-        print(f"Expected a function fn(weight, rank) returning (down, up), got {type(fn).__name__}.")
+    if not ready(fn, HINT, "fn(weight, rank) returning (down, up)"):
         return False
     for weight, rank in _cases():
         out_features, in_features = weight.shape

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from moe_lab.compress.prune import prune_experts
+from moe_lab.exercises._feedback import ready
 from moe_lab.soft_moe import SoftMoE
 from moe_lab.topk_moe import TopKMoE
 
@@ -79,11 +80,7 @@ def check_remove_expert(fn) -> bool:
     that the given layer is left unchanged, and the outputs (to 1e-5). Prints what differs;
     returns ``True`` only if every case matches.
     """
-    if fn is None:
-        print(HINT)
-        return False
-    if not callable(fn):
-        print(f"Expected a function fn(layer, e), got {type(fn).__name__}.")
+    if not ready(fn, HINT, "fn(layer, e)"):
         return False
     x = torch.randn(64, 8, generator=torch.Generator().manual_seed(30))
     with torch.random.fork_rng(devices=[]):  # building layers must not move the learner's seed

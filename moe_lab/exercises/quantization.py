@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from moe_lab.compress.quantize import dequantize_tensor, quantize_tensor
+from moe_lab.exercises._feedback import ready
 
 HINT = ("Hint: for a weight (out, in), each output row r gets its own scale s_r = max_j |W[r, j]| / 127 "
         "(W.abs().amax(dim=1, keepdim=True) / 127). values = round(W / s) clamped to [-127, 127], as "
@@ -76,11 +77,7 @@ def check_int8_per_channel(fn) -> bool:
     borderline weights differently from the reference's float16 one, which is fine).
     Prints which case fails; returns ``True`` only if every case passes.
     """
-    if fn is None:
-        print(HINT)
-        return False
-    if not callable(fn):
-        print(f"Expected a function fn(weight) -> (values, scales), got {type(fn).__name__}.")
+    if not ready(fn, HINT, "fn(weight) -> (values, scales)"):
         return False
     for name, weight in _cases():
         if not _check_case(fn, name, weight):

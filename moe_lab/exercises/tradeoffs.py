@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from moe_lab.evaluate import pareto_front
+from moe_lab.exercises._feedback import NO_ANSWER, call, ready
 
 HINT = ("Hint: point i is on the frontier unless some other point j is at least as small "
         "(sizes[j] <= sizes[i]) and at least as accurate (scores[j] >= scores[i]), and strictly better "
@@ -25,20 +26,11 @@ def check_pareto(fn) -> bool:
     cases with dominated points, ties and duplicates. Prints a hint for ``None`` and feedback
     for a wrong answer; returns ``True`` only if every case matches. Never raises on a wrong answer.
     """
-    if fn is None:
-        print(HINT)
-        return False
-    if not callable(fn):
-        print(f"Expected a function fn(sizes, scores) -> list of indices, got {type(fn).__name__}.")
+    if not ready(fn, HINT, "fn(sizes, scores) -> list of indices"):
         return False
     for sizes, scores in CASES:
-        try:
-            got = fn(list(sizes), list(scores))
-        except Exception as error:  # a learner's bug is feedback, not a crash
-            print(f"Your function raised {type(error).__name__}: {error}")
-            return False
-        if got is None:
-            print("Your function returned None. " + HINT)
+        got = call(fn, list(sizes), list(scores), hint=HINT)
+        if got is NO_ANSWER:
             return False
         try:
             got_set = {int(i) for i in got}
