@@ -37,3 +37,13 @@ def last_dim(name: str, x, expected: int) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.dim() == 0 or x.shape[-1] != expected:
         raise ValueError(f"{name} must have last dimension {expected}, got shape {tuple(x.shape)}")
+
+
+def factor_sizes(in_features, out_features, rank) -> None:
+    """Check the sizes of a rank-``rank`` factorisation of an ``out x in`` matrix."""
+    positive_int("in_features", in_features)
+    positive_int("out_features", out_features)
+    positive_int("rank", rank)
+    if rank > min(in_features, out_features):
+        raise ValueError(f"rank must be <= min(in_features, out_features) = "
+                         f"{min(in_features, out_features)}, got {rank}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from moe_lab._checks import last_dim, positive_int
+from moe_lab._checks import factor_sizes, last_dim
 
 
 class LowRankLinear(nn.Module):
@@ -20,12 +20,7 @@ class LowRankLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True):
         super().__init__()
-        positive_int("in_features", in_features)
-        positive_int("out_features", out_features)
-        positive_int("rank", rank)
-        if rank > min(in_features, out_features):
-            raise ValueError(f"rank must be <= min(in_features, out_features) = "
-                             f"{min(in_features, out_features)}, got {rank}")
+        factor_sizes(in_features, out_features, rank)
         self.config = dict(in_features=in_features, out_features=out_features, rank=rank, bias=bias)
         self.in_features = in_features
         self.out_features = out_features

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe_lab._checks import last_dim, positive_int
+from moe_lab._checks import factor_sizes, last_dim, positive_int
 from moe_lab.compress.prune import expert_usage
 from moe_lab.compress.targets import MOE_TYPES, experts_name, input_size, router_names
 
@@ -114,12 +114,7 @@ class BaseDeltaLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True):
         super().__init__()
-        positive_int("in_features", in_features)
-        positive_int("out_features", out_features)
-        positive_int("rank", rank)
-        if rank > min(in_features, out_features):
-            raise ValueError(f"rank must be <= min(in_features, out_features) = "
-                             f"{min(in_features, out_features)}, got {rank}")
+        factor_sizes(in_features, out_features, rank)
         self.config = dict(in_features=in_features, out_features=out_features, rank=rank, bias=bias)
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.base = nn.Parameter(torch.zeros(out_features, in_features))
