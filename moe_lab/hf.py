@@ -67,21 +67,20 @@ def from_hf(block: nn.Module) -> SwiGLUMoE:
         raise TypeError(f"block must be one of {SUPPORTED_BLOCKS}, got {type(block).__name__}")
     with _materialised(block), torch.no_grad():
         experts, router = block.experts, block.gate
-        inner = experts.intermediate_dim
         shared = getattr(block, "shared_expert", None)
-        layer = SwiGLUMoE(experts.num_experts, experts.hidden_dim, inner, k=router.top_k,
+        layer = SwiGLUMoE(experts.num_experts, experts.hidden_dim, experts.intermediate_dim, k=router.top_k,
                           normalize=bool(getattr(router, "norm_topk_prob", True)),
                           activation=_activation_name(experts.act_fn),
                           shared_expert_size=None if shared is None else shared.gate_proj.out_features)
         layer.to(router.weight.dtype)
         layer.gate.weight.copy_(router.weight)
         for e, expert in enumerate(layer.experts):
-            expert.gate_proj.weight.copy_(experts.gate_up_proj[e, :inner])
-            expert.up_proj.weight.copy_(experts.gate_up_proj[e, inner:])
+            expert.gate_up_proj.weight.copy_(experts.gate_up_proj[e])  # [gate; up] rows, as HF stores them
             expert.down_proj.weight.copy_(experts.down_proj[e])
         if shared is not None:
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                getattr(layer.shared_expert, name).weight.copy_(getattr(shared, name).weight)
+            fused = torch.cat([shared.gate_proj.weight, shared.up_proj.weight])
+            layer.shared_expert.gate_up_proj.weight.copy_(fused)
+            layer.shared_expert.down_proj.weight.copy_(shared.down_proj.weight)
             layer.shared_expert_gate.weight.copy_(block.shared_expert_gate.weight)
     return layer.eval()
 

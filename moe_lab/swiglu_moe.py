@@ -1,7 +1,8 @@
 """A top-k mixture of SwiGLU experts, the block used by Mixtral, OLMoE and Qwen-MoE.
 
-Each expert is ``down(act(gate(x)) * up(x))`` with its own three bias-free projections,
-stored as ``nn.Linear`` modules (not fused 3-D tensors), so every technique of
+Each expert is ``down(act(gate(x)) * up(x))`` with its own bias-free projections, stored as
+``nn.Linear`` modules (``gate_up_proj`` holds the gate and up rows together, one matmul, as in
+Hugging Face's layout), not as slices of fused 3-D tensors, so every technique of
 :mod:`moe_lab.compress` applies to them. The router is a bias-free linear ``gate``: softmax
 over all experts, top-k, optionally renormalised (``norm_topk_prob``). Qwen2-MoE adds a
 ``shared_expert`` that every token uses, scaled by ``sigmoid(shared_expert_gate(x))``.
@@ -19,19 +20,21 @@ from moe_lab.routing import Routing, load_balancing_loss, plan_dispatch, router_
 
 
 class SwiGLUExpert(nn.Module):
-    """``down_proj(act(gate_proj(x)) * up_proj(x))``: ``(..., hidden) -> (..., hidden)``."""
+    """``down_proj(act(gate) * up)`` with ``gate, up = gate_up_proj(x).chunk(2)``:
+    ``(..., hidden) -> (..., hidden)``. The first ``intermediate_size`` rows of
+    ``gate_up_proj`` are the gate, the rest the up projection."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, activation: str = "silu"):
         super().__init__()
         positive_int("hidden_size", hidden_size)
         positive_int("intermediate_size", intermediate_size)
         self._act = get_activation(activation)
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self._act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self._act(gate) * up)
 
 
 class SwiGLUMoE(nn.Module):

@@ -17,7 +17,12 @@ def dense_reference(layer: SwiGLUMoE, x: torch.Tensor) -> torch.Tensor:
     if layer.config["normalize"]:
         top = top / top.sum(-1, keepdim=True)
     weights = torch.zeros_like(probs).scatter(1, idx, top)
-    outputs = torch.stack([e.down_proj(F.silu(e.gate_proj(x)) * e.up_proj(x)) for e in layer.experts], 1)
+    def expert(e, x):
+        inner = e.down_proj.in_features
+        gate, up = e.gate_up_proj.weight[:inner], e.gate_up_proj.weight[inner:]
+        return e.down_proj(F.silu(x @ gate.T) * (x @ up.T))
+
+    outputs = torch.stack([expert(e, x) for e in layer.experts], 1)
     out = (weights.unsqueeze(-1) * outputs).sum(1)
     if layer.config["shared_expert_size"]:
         out = out + torch.sigmoid(layer.shared_expert_gate(x)) * layer.shared_expert(x)
