@@ -91,10 +91,13 @@ class SwiGLUMoE(nn.Module):
         routing = self.route(x)
         flat = x.reshape(-1, x.shape[-1])
         plan = plan_dispatch(routing.indices, routing.gates, self.num_experts)
-        routed = flat.index_select(0, plan.token_index)
-        hidden = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, routed.split(plan.counts))])
-        hidden = hidden * plan.gate.unsqueeze(1)
-        out = torch.zeros_like(flat).index_add_(0, plan.token_index, hidden)
+        routed = flat.index_select(0, plan.token_index)  # (m, H), expert 0's tokens first
+        out = torch.zeros_like(flat)
+        blocks = zip(self.experts, routed.split(plan.counts), plan.token_index.split(plan.counts),
+                     plan.gate.split(plan.counts))
+        for expert, chunk, tokens, gates in blocks:
+            if len(tokens):  # one expert's block at a time: small temporaries stay in cache
+                out.index_add_(0, tokens, expert(chunk) * gates.unsqueeze(1))
         if self.config["shared_expert_size"] is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
         self.tokens_per_expert, self.dropped_tokens = plan.tokens_per_expert, 0
