@@ -105,6 +105,26 @@ def _changed_modules(model: nn.Module) -> dict[str, dict]:
     return changed
 
 
+def _grouped(modules: dict[str, dict]) -> list[dict]:
+    """``[{class, config, at: [names]}]``: each distinct spec written once (keeps config.json small)."""
+    groups: list[dict] = []
+    for name, spec in modules.items():
+        for group in groups:
+            if group["class"] == spec["class"] and group["config"] == spec["config"]:
+                group["at"].append(name)
+                break
+        else:
+            groups.append({**spec, "at": [name]})
+    return groups
+
+
+def _ungrouped(groups) -> dict[str, dict]:
+    if not isinstance(groups, list):
+        raise ValueError("config.json: 'modules' must be a list of {class, config, at}")
+    return {name: {"class": g.get("class"), "config": g.get("config")}
+            for g in groups for name in g.get("at", [])}
+
+
 def _set(root: nn.Module, dotted: str, value) -> None:
     parent, _, leaf = dotted.rpartition(".")
     owner = root.get_submodule(parent) if parent else root
@@ -149,7 +169,7 @@ def save(model: nn.Module, path: str | Path) -> Path:
     save_file(unique, str(folder / WEIGHTS), metadata={"format": FORMAT})
     root = _root_spec(model) or {"class": type(model).__name__, "config": None}
     config = {"format": FORMAT, "version": VERSION, "class": root["class"], "config": root["config"],
-              "aliases": aliases, "modules": _changed_modules(model)}
+              "aliases": aliases, "modules": _grouped(_changed_modules(model))}
     (folder / CONFIG).write_text(json.dumps(config, sort_keys=True, separators=(",", ":")))
     return folder
 
@@ -175,7 +195,8 @@ def load(path: str | Path) -> nn.Module:
         raise ValueError(f"{folder / WEIGHTS} is damaged or truncated ({error})") from None
     model = _build({"class": config.get("class"), "config": config.get("config")}, "")
     # Rebuild submodules that differ from what the constructor made (replaced, pruned, quantized).
-    for name, spec in sorted(config.get("modules", {}).items(), key=lambda item: item[0].count(".")):
+    modules = _ungrouped(config.get("modules", []))
+    for name, spec in sorted(modules.items(), key=lambda item: item[0].count(".")):
         try:
             current = model.get_submodule(name)
         except AttributeError:

@@ -11,7 +11,7 @@ from moe_lab.soft_moe import SoftMoE
 def right(in_f, out_f, rank, bits):
     def matrix(rows, cols):  # integer values + one float16 scale per row
         return rows * (cols if bits == 8 else math.ceil(cols / 2)) + rows * 2
-    return matrix(rank, in_f) + matrix(out_f, rank) + out_f * 4
+    return matrix(rank, in_f) + matrix(out_f, rank) + out_f * 2
 
 
 def test_accepts_right_answer(capsys):
@@ -32,7 +32,7 @@ def test_rejects_wrong_answers(capsys):
         return right(in_f, out_f, rank, bits) - 2 * (rank + out_f)
 
     def no_bias(in_f, out_f, rank, bits):
-        return right(in_f, out_f, rank, bits) - 4 * out_f
+        return right(in_f, out_f, rank, bits) - 2 * out_f
 
     def int4_unpacked(in_f, out_f, rank, bits):
         return right(in_f, out_f, rank, 8)

@@ -76,7 +76,8 @@ class QuantizedLinear(nn.Module):
     """A linear layer whose weight is stored as int8 or packed int4 plus float16 scales.
 
     Buffers: ``qweight`` (int8 ``(out, in)``, or uint8 ``(out, ceil(in / 2))`` for int4),
-    ``scales`` (float16 ``(out, groups)``) and ``bias`` (float32, if any).
+    ``scales`` (float16 ``(out, groups)``) and ``bias`` (float16, if any: its rounding error,
+    about 1e-3 relative, is far below the int8 / int4 weight error).
     Shapes: ``x`` is ``(..., in_features)``; the result is ``(..., out_features)``.
     """
 
@@ -93,7 +94,7 @@ class QuantizedLinear(nn.Module):
         groups = in_features // (group_size or in_features)
         self.register_buffer("qweight", torch.zeros(out_features, stored, dtype=dtype))
         self.register_buffer("scales", torch.zeros(out_features, groups, dtype=SCALE_DTYPE))
-        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=SCALE_DTYPE) if bias else None)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 8, group_size: int | None = None
