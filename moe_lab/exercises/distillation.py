@@ -5,6 +5,12 @@ from __future__ import annotations
 import torch
 
 from moe_lab.compress.distill import distillation_loss
+from moe_lab.exercises._feedback import ready
+
+HINT = ("Hint: soft = KL(softmax(teacher / T) || softmax(student / T)), averaged over examples "
+        "(F.kl_div(log_p_student, log_p_teacher, reduction='batchmean', log_target=True)), "
+        "times T**2; hard = F.cross_entropy(student, targets) at temperature 1; "
+        "return alpha * soft + (1 - alpha) * hard.")
 
 
 def _cases() -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, float, float]]:
@@ -32,15 +38,7 @@ def check_distillation_loss(fn) -> bool:
     Logits are ``(n, classes)``, ``targets`` ``(n,)`` class ids. Prints the first case that
     differs (to 1e-4 relative); returns ``True`` only if every case matches.
     """
-    if fn is None:
-        print("Hint: soft = KL(softmax(teacher / T) || softmax(student / T)), averaged over examples "
-              "(F.kl_div(log_p_student, log_p_teacher, reduction='batchmean', log_target=True)), "
-              "times T**2; hard = F.cross_entropy(student, targets) at temperature 1; "
-              "return alpha * soft + (1 - alpha) * hard.")
-        return False
-    if not callable(fn):
-        print(f"Expected a function fn(student_logits, teacher_logits, targets, temperature, alpha), "
-              f"got {type(fn).__name__}.")
+    if not ready(fn, HINT, "fn(student_logits, teacher_logits, targets, temperature, alpha)"):
         return False
     for name, student, teacher, targets, temperature, alpha in _cases():
         expected = float(distillation_loss(student, teacher, targets, temperature, alpha))

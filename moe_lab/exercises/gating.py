@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from moe_lab.exercises._feedback import ready
 from moe_lab.routing import load_balancing_loss, top_k_routing
+
+HINT = ("Hint: f_i = (assignments to expert i) / (n * k), counted with torch.bincount on "
+        "indices.reshape(-1); P_i = probs.mean(dim=0)[i]; return E * sum_i f_i * P_i.")
 
 
 def _cases() -> list[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -31,12 +35,7 @@ def check_balance_loss(fn) -> bool:
     ``probs`` is ``(n, E)`` (softmax over all experts), ``indices`` is ``(n, k)``. Prints which
     case differs; returns ``True`` only if every case matches to 1e-5.
     """
-    if fn is None:
-        print("Hint: f_i = (assignments to expert i) / (n * k), counted with torch.bincount on "
-              "indices.reshape(-1); P_i = probs.mean(dim=0)[i]; return E * sum_i f_i * P_i.")
-        return False
-    if not callable(fn):
-        print(f"Expected a function fn(probs, indices), got {type(fn).__name__}.")
+    if not ready(fn, HINT, "fn(probs, indices)"):
         return False
     for name, probs, indices in _cases():
         expected = float(load_balancing_loss(probs, indices))
