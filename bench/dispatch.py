@@ -1,4 +1,4 @@
-"""Benchmark: TopKMoE's grouped dispatch vs the deck's per-token loop vs a dense SoftMoE.
+"""Benchmark: TopKMoE's grouped dispatch vs the deck's per-token loop vs a dense DenseMoE.
 
 Run with ``make bench`` (or ``.venv/bin/python bench/dispatch.py --help``). All timings are
 inference under ``torch.no_grad()``; the deck loop is also timed with autograd enabled, as the
@@ -29,11 +29,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from moe_lab import SoftMoE, TopKMoE  # noqa: E402
-from moe_lab.reference import DeckConditionalMoE  # noqa: E402
+from moe_lab import DenseMoE, TopKMoE  # noqa: E402
+from moe_lab.layers.reference import DeckConditionalMoE  # noqa: E402
 
 NUM_EXPERTS, INPUT, HIDDEN, OUTPUT = 8, 256, 512, 256
-# Targets (E=8, k=2): speed-up over the deck loop, efficiency vs the matmul floor, time vs SoftMoE.
+# Targets (E=8, k=2): speed-up over the deck loop, efficiency vs the matmul floor, time vs DenseMoE.
 TARGET_TOKENS = 4096
 MIN_SPEEDUP = 10.0
 MIN_EFFICIENCY = 0.6
@@ -57,12 +57,12 @@ def deck_repeats(tokens: int, repeats: int) -> int:
 
 
 def bench_case(tokens: int, k: int, repeats: int, seed: int = 0) -> dict:
-    """Time TopKMoE, the deck loop (no_grad and grad), SoftMoE and the matmul floor for one size."""
+    """Time TopKMoE, the deck loop (no_grad and grad), DenseMoE and the matmul floor for one size."""
     torch.manual_seed(seed)
     topk = TopKMoE(NUM_EXPERTS, INPUT, HIDDEN, OUTPUT, k=k).eval()
     deck = DeckConditionalMoE(NUM_EXPERTS, INPUT, HIDDEN, OUTPUT, k=k).eval()
     deck.load_state_dict(topk.state_dict())
-    soft = SoftMoE(NUM_EXPERTS, INPUT, HIDDEN, OUTPUT).eval()
+    soft = DenseMoE(NUM_EXPERTS, INPUT, HIDDEN, OUTPUT).eval()
     soft.load_state_dict(topk.state_dict())
     x = torch.randn(tokens, INPUT)
     with torch.no_grad():
@@ -117,7 +117,7 @@ def check_targets(rows: list[dict]) -> list[dict]:
          "efficiency", lambda v: v >= MIN_EFFICIENCY),
         (f"efficiency vs matmul floor >= {MIN_EFFICIENCY} (k=2, 16384 tok)", 16384,
          "efficiency", lambda v: v >= MIN_EFFICIENCY),
-        (f"time vs SoftMoE <= {MAX_SOFT_RATIO:.3f} = 1.5 k/E (k=2, {TARGET_TOKENS} tok)", TARGET_TOKENS,
+        (f"time vs DenseMoE <= {MAX_SOFT_RATIO:.3f} = 1.5 k/E (k=2, {TARGET_TOKENS} tok)", TARGET_TOKENS,
          "time_vs_soft", lambda v: v <= MAX_SOFT_RATIO),
     ]
     results = []

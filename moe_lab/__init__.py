@@ -1,31 +1,52 @@
 """moe_lab: the tested helpers behind the course "Compressing Mixture-of-Experts Models in Python".
 
-Layers: :class:`SoftMoE` (dense, slide 1), :class:`TopKMoE` (sparse, slides 6 and 8),
-:class:`SharedTrunkMoE` (slide 7), :class:`LowRankLinear` (slide 9), :class:`SwiGLUMoE`
-(the Mixtral / Qwen-MoE block). Models: :class:`ImageClassifierMoE`, :class:`LanguageModelMoE`.
-Submodules: ``routing``, ``compress``, ``measure``, ``evaluate`` (callable:
-``evaluate(model, data)``, plus ``evaluate.report``), ``data``, ``training``, ``profiles``,
-``artifact``, ``hf``, ``recipes``, ``study``, ``reference`` (the deck's slow layers, for
-comparison), ``slot_moe``, ``viz``, ``diagnostics``, ``exercises``.
+Layout (imports only point down this list):
+
+* :mod:`moe_lab.layers`: the mixture layers behind one interface (:class:`~moe_lab.layers.MixtureLayer`:
+  router, experts, ``route(x)``, expert load), routing rules, dispatch, and the compact linears
+  (low-rank, quantized, sparse, base + delta);
+* :mod:`moe_lab.models`: the case-study models; :mod:`moe_lab.data`, :mod:`moe_lab.training`;
+* :mod:`moe_lab.measure` (bytes of the saved artifact, parameters, work, latency),
+  :mod:`moe_lab.artifact` (``save`` / ``load``);
+* :mod:`moe_lab.compress`: the techniques, the stage registry and recipe strings;
+* :mod:`moe_lab.stats`, :mod:`moe_lab.diagnostics`, :mod:`moe_lab.evaluation` (``report``),
+  :mod:`moe_lab.sweeps`, :mod:`moe_lab.viz`; :mod:`moe_lab.hf` (Hugging Face bridge),
+  :mod:`moe_lab.study` (``python -m moe_lab study``), :mod:`moe_lab.exercises`.
+
+``moe_lab.evaluate(model, data)`` scores one model; ``moe_lab.evaluation.report`` compares many.
 Importing the package sets no global state (no seeds, threads or warnings filters).
 """
 
+import warnings
+
 from moe_lab.artifact import load, save
-from moe_lab.low_rank import LowRankLinear
+from moe_lab.layers import (
+    DenseMoE,
+    LowRankLinear,
+    MixtureLayer,
+    SharedTrunkMoE,
+    SlotSoftMoE,
+    SwiGLUMoE,
+    TopKMoE,
+    collect_aux_loss,
+)
 from moe_lab.measure import active_params_per_token, flops_per_token, latency, model_bytes, param_count
 from moe_lab.models import ImageClassifierMoE, LanguageModelMoE
 from moe_lab.profiles import get_profile
-from moe_lab.soft_moe import SharedTrunkMoE, SoftMoE
-from moe_lab.swiglu_moe import SwiGLUMoE
-from moe_lab.topk_moe import TopKMoE, collect_aux_loss
-from moe_lab.training import seed_everything, train
+from moe_lab.training import evaluate, seed_everything, train
 
-from moe_lab import evaluate  # isort: skip  (a callable module: evaluate(model, data) and evaluate.report)
+__version__ = "0.2.0"
 
-__version__ = "0.1.0"
+__all__ = ["DenseMoE", "ImageClassifierMoE", "LanguageModelMoE", "LowRankLinear", "MixtureLayer",
+           "SharedTrunkMoE", "SlotSoftMoE", "SwiGLUMoE", "TopKMoE", "active_params_per_token",
+           "collect_aux_loss", "evaluate", "flops_per_token", "get_profile", "latency", "load", "model_bytes",
+           "param_count", "save", "seed_everything", "train"]
 
-__all__ = ["ImageClassifierMoE", "LanguageModelMoE", "LowRankLinear", "SharedTrunkMoE", "SoftMoE",
-           "SwiGLUMoE",
-           "TopKMoE", "active_params_per_token", "collect_aux_loss", "evaluate", "flops_per_token",
-           "get_profile", "latency", "load", "model_bytes", "param_count", "save", "seed_everything",
-           "train"]
+
+def __getattr__(name: str):
+    if name == "SoftMoE":
+        warnings.warn("moe_lab.SoftMoE is now DenseMoE (Soft MoE is Puigcerver et al.'s slot layer, "
+                      "SlotSoftMoE); the old name will be removed in the next release",
+                      DeprecationWarning, stacklevel=2)
+        return DenseMoE
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,8 +7,8 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from moe_lab.compress.recipes import parse_recipe
     from moe_lab.data import DataNotFoundError
-    from moe_lab.recipes import parse_recipe
     from moe_lab.study import TASKS, run_study
 
     parser = argparse.ArgumentParser(prog="python -m moe_lab", description="moe_lab command line")

@@ -18,6 +18,9 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+import moe_lab.models  # noqa: F401  (registers the case-study models)
+from moe_lab.layers.registry import LAYERS
+
 FORMAT = "moe_lab-artifact"
 VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -25,19 +28,8 @@ CONFIG = "config.json"
 
 
 def _loadable_classes() -> dict[str, type[nn.Module]]:
-    from moe_lab.compress.quantize import QuantizedLinear
-    from moe_lab.compress.share import BaseDeltaLinear
-    from moe_lab.compress.sparse import SparseLinear
-    from moe_lab.low_rank import LowRankLinear
-    from moe_lab.models import ImageClassifierMoE, LanguageModelMoE
-    from moe_lab.slot_moe import SlotSoftMoE
-    from moe_lab.soft_moe import SharedTrunkMoE, SoftMoE
-    from moe_lab.swiglu_moe import SwiGLUMoE
-    from moe_lab.topk_moe import TopKMoE
-
-    classes = [SoftMoE, SharedTrunkMoE, TopKMoE, LowRankLinear, QuantizedLinear, SparseLinear,
-               BaseDeltaLinear, SwiGLUMoE, ImageClassifierMoE, LanguageModelMoE, SlotSoftMoE, nn.Linear]
-    return {cls.__name__: cls for cls in classes}
+    """Every class registered with :func:`~moe_lab.layers.registry.register_layer`, plus ``nn.Linear``."""
+    return {**LAYERS, "Linear": nn.Linear}
 
 
 def _spec(module: nn.Module) -> dict | None:
@@ -47,7 +39,7 @@ def _spec(module: nn.Module) -> dict | None:
                                               "out_features": module.out_features,
                                               "bias": module.bias is not None}}
     config = getattr(module, "config", None)
-    if isinstance(config, dict) and type(module).__name__ in _loadable_classes():
+    if isinstance(config, dict) and LAYERS.get(type(module).__name__) is type(module):
         return {"class": type(module).__name__, "config": config}
     return None
 

@@ -25,13 +25,12 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from moe_lab.compress.pipeline import ExpertPrune, LowRank, MagnitudePrune, MergeExperts, Quantize
+from moe_lab.compress.registry import Stage
 from moe_lab.compress.targets import replace_module
-from moe_lab.swiglu_moe import SwiGLUMoE
+from moe_lab.layers.swiglu import SwiGLUMoE
 
 SUPPORTED_BLOCKS = ("MixtralSparseMoeBlock", "OlmoeSparseMoeBlock", "Qwen2MoeSparseMoeBlock",
                     "Qwen3MoeSparseMoeBlock")
-RECIPE_STAGES = (ExpertPrune, MergeExperts, LowRank, Quantize, MagnitudePrune)
 _ACTIVATIONS = {"SiLU": "silu", "SiLUActivation": "silu", "GELU": "gelu", "GELUActivation": "gelu",
                 "ReLU": "relu"}
 
@@ -124,9 +123,9 @@ def _check_recipe(recipe) -> list:
     if not isinstance(recipe, (list, tuple)) or not recipe:
         raise ValueError("recipe must be a non-empty list of stages, e.g. [ExpertPrune(0.125), Quantize(8)]")
     for stage in recipe:
-        if not isinstance(stage, RECIPE_STAGES):
-            raise ValueError(f"recipe stage {stage!r} is not supported here; use "
-                             f"{', '.join(c.__name__ for c in RECIPE_STAGES)}")
+        if not isinstance(stage, Stage) or not stage.per_layer:
+            raise ValueError(f"recipe stage {stage!r} cannot be applied block by block; use stages that "
+                             f"compress one mixture layer (ExpertPrune, LowRank, Quantize, ...)")
     return list(recipe)
 
 

@@ -18,7 +18,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from moe_lab import artifact
 from moe_lab._checks import positive_int
-from moe_lab.topk_moe import TopKMoE
+from moe_lab.layers.base import MixtureLayer, mixture_layers
+from moe_lab.layers.compact.base import CompactLinear
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -52,10 +53,7 @@ def param_count(model: nn.Module, nonzero: bool = False) -> int:
 
 
 def _stores_weight_as_buffers(module: nn.Module) -> bool:
-    from moe_lab.compress.quantize import QuantizedLinear
-    from moe_lab.compress.sparse import SparseLinear
-
-    return isinstance(module, (QuantizedLinear, SparseLinear))
+    return isinstance(module, CompactLinear) and module.WEIGHT_IN_BUFFERS
 
 
 def _logical_size(module: nn.Module) -> int:
@@ -63,7 +61,7 @@ def _logical_size(module: nn.Module) -> int:
     total = 0
     for m in module.modules():
         if _stores_weight_as_buffers(m):
-            total += m.in_features * m.out_features + (m.bias is not None) * m.out_features
+            total += m.logical_params()
         else:
             total += sum(p.numel() for p in m.parameters(recurse=False))
     return total
@@ -79,19 +77,17 @@ def active_params_per_token(model: nn.Module) -> int:
     reads the whole matrix). Quantized and sparse layers count their logical weight
     (``in * out`` + bias): they touch the same weights per token, stored more compactly.
     """
-    from moe_lab.swiglu_moe import SwiGLUMoE
-
     used: dict[int, int] = {}
 
     def use(p: torch.Tensor, n: int) -> None:
         used[id(p)] = max(used.get(id(p), 0), n)
 
     def visit(module: nn.Module) -> None:
-        if isinstance(module, (TopKMoE, SwiGLUMoE)):
+        if isinstance(module, MixtureLayer) and not module.DENSE:
             for name, child in module.named_children():
-                if name != "experts":
+                if name != module.EXPERTS:
                     visit(child)
-            for expert in sorted(module.experts, key=_logical_size, reverse=True)[:module.k]:
+            for expert in sorted(module.expert_modules(), key=_logical_size, reverse=True)[:module.k]:
                 visit(expert)
             return
         if isinstance(module, nn.Embedding):
@@ -154,9 +150,7 @@ def latency(fn, *inputs, warmup: int = 3, repeats: int = 20) -> float:
 
 def moe_bytes(model: nn.Module) -> int:
     """Saved bytes of the model's mixture-of-experts layers alone (each saved on its own)."""
-    from moe_lab.compress.targets import moe_layers
-
-    layers = moe_layers(model)
+    layers = mixture_layers(model)
     if not layers:
         raise ValueError("model has no mixture-of-experts layer")
     return sum(model_bytes(layer) for _, layer in layers)

@@ -1,6 +1,6 @@
 """The two case-study models: an image classifier (slide 12) and a language model (slide 11).
 
-Both put a mixture layer (:class:`moe_lab.SoftMoE` or :class:`moe_lab.TopKMoE`) where the
+Both put a mixture layer (:class:`moe_lab.DenseMoE` or :class:`moe_lab.TopKMoE`) where the
 deck does, under the attribute names the deck uses (``features``, ``moe``, ``classifier``;
 ``embedding``, ``output``), and keep their constructor arguments in ``config``.
 """
@@ -12,8 +12,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moe_lab._checks import positive_int
-from moe_lab.soft_moe import SoftMoE
-from moe_lab.topk_moe import TopKMoE
+from moe_lab.layers.dense import DenseMoE
+from moe_lab.layers.registry import register_layer
+from moe_lab.layers.topk import TopKMoE
 
 MOE_KINDS = ("soft", "topk")
 
@@ -24,13 +25,14 @@ def make_moe(kind: str, num_experts: int, input_size: int, expert_size: int, out
     if kind == "soft":
         if options:
             raise ValueError(f"options {sorted(options)} only apply to moe='topk'")
-        return SoftMoE(num_experts, input_size, expert_size, output_size, activation=activation)
+        return DenseMoE(num_experts, input_size, expert_size, output_size, activation=activation)
     if kind == "topk":
         return TopKMoE(num_experts, input_size, expert_size, output_size, k, activation=activation,
                        **options)
     raise ValueError(f"moe must be one of {MOE_KINDS}, got {kind!r}")
 
 
+@register_layer
 class ImageClassifierMoE(nn.Module):
     """Conv features, a mixture-of-experts layer, and a linear classifier (slide 12).
 
@@ -124,6 +126,7 @@ class TransformerBlock(nn.Module):
         return x + self.dropout(self.moe(self.ln_moe(x)))
 
 
+@register_layer
 class LanguageModelMoE(nn.Module):
     """A small causal Transformer whose feed-forward blocks are mixture-of-experts layers.
 

@@ -1,7 +1,7 @@
 """A compression study without a notebook: ``python -m moe_lab study`` (or ``make study``).
 
 Trains (or loads) the base model for a task, applies one or more recipes
-(:mod:`moe_lab.recipes`), evaluates every stage, prints the per-stage tables and writes to
+(:mod:`moe_lab.compress.recipes`), evaluates every stage, prints the per-stage tables and writes to
 the output folder:
 
 * ``report.json``: per recipe and stage, the metric, saved bytes, compression ratios and
@@ -25,12 +25,12 @@ import torch.nn as nn
 
 from moe_lab import artifact
 from moe_lab.compress.pipeline import FineTune, compress
-from moe_lab.evaluate import pareto_front
+from moe_lab.compress.recipes import parse_recipe
+from moe_lab.evaluation import pareto_front
+from moe_lab.layers.topk import TopKMoE
 from moe_lab.measure import latency
 from moe_lab.models import ImageClassifierMoE, LanguageModelMoE
 from moe_lab.profiles import Profile, get_profile
-from moe_lab.recipes import parse_recipe
-from moe_lab.topk_moe import TopKMoE
 from moe_lab.training import evaluate, seed_everything, train
 
 TASKS = ("synthetic", "cifar10", "wikitext2")

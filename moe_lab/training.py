@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from moe_lab._checks import finite_float, positive_int
-from moe_lab.topk_moe import collect_aux_loss
+from moe_lab.layers.topk import collect_aux_loss
 
 TASKS = ("classification", "language_model")
 

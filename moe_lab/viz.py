@@ -21,11 +21,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from moe_lab.layers.base import MixtureLayer
+from moe_lab.layers.dense import DenseMoE, SharedTrunkMoE
+from moe_lab.layers.topk import TopKMoE
 from moe_lab.models import ImageClassifierMoE, LanguageModelMoE
-from moe_lab.soft_moe import SharedTrunkMoE, SoftMoE
-from moe_lab.topk_moe import TopKMoE
 
-MOE_LAYERS = (SoftMoE, SharedTrunkMoE, TopKMoE)
+MOE_LAYERS = (DenseMoE, SharedTrunkMoE, TopKMoE)
 SUPPORTED = MOE_LAYERS + (ImageClassifierMoE, LanguageModelMoE)
 
 _COLORS = {"input": "#e0e0e0", "output": "#e0e0e0", "expert": "#9ecae1", "router": "#fdae6b",
@@ -106,8 +107,8 @@ class _Builder:
             gate_source = self.node(p + "topk", "topk", text, in_shape=(E,), out_shape=(layer.k,))
             self.edge(router, gate_source)
             expert_role = "routed"
-        expert_in, experts = source, layer.experts if hasattr(layer, "experts") else layer.expert_layers
-        expert_path = "experts" if hasattr(layer, "experts") else "expert_layers"
+        expert_in, experts = source, layer.expert_modules()
+        expert_path = layer.EXPERTS
         width = d
         if isinstance(layer, SharedTrunkMoE):
             width = cfg["shared_size"]
@@ -149,11 +150,11 @@ def _check_graph_arg(graph_or_model):
 def architecture_graph(model: nn.Module, *, expand_moe: bool = True):
     """Data-flow graph of a live ``model`` as a ``networkx.DiGraph`` (see the module docstring).
 
-    Supports :class:`~moe_lab.SoftMoE`, :class:`~moe_lab.TopKMoE`, :class:`~moe_lab.SharedTrunkMoE`
+    Supports :class:`~moe_lab.DenseMoE`, :class:`~moe_lab.TopKMoE`, :class:`~moe_lab.SharedTrunkMoE`
     and the models :class:`~moe_lab.ImageClassifierMoE` and :class:`~moe_lab.LanguageModelMoE`.
     With ``expand_moe=True`` every mixture layer shows its router, each expert, the gate
     multiplications and the sum; with ``False`` each mixture layer is one node.
-    A :class:`~moe_lab.SoftMoE` with ``E`` experts gives ``2E + 5`` nodes. The ``params``
+    A :class:`~moe_lab.DenseMoE` with ``E`` experts gives ``2E + 5`` nodes. The ``params``
     attributes sum to :func:`moe_lab.param_count` of the model.
     """
     if not isinstance(model, nn.Module):
@@ -326,7 +327,7 @@ def routing_matrix(layer: nn.Module, x: torch.Tensor, groups, num_groups: int | 
 
     ``x`` is ``(..., d)`` (``n`` tokens once flattened) and ``groups`` holds ``n`` integer ids
     in ``[0, G)`` (e.g. the synthetic task's cluster ids). For a dense layer
-    (:class:`~moe_lab.SoftMoE`, :class:`~moe_lab.SharedTrunkMoE`) a row is the group's mean
+    (:class:`~moe_lab.DenseMoE`, :class:`~moe_lab.SharedTrunkMoE`) a row is the group's mean
     gate probabilities; for :class:`~moe_lab.TopKMoE` it is the fraction of the group's
     ``n_g * k`` routing slots that chose each expert. Each row sums to one. An
     :class:`~moe_lab.ImageClassifierMoE` is accepted too (its ``moe`` layer on ``embed(x)``).
@@ -338,8 +339,8 @@ def routing_matrix(layer: nn.Module, x: torch.Tensor, groups, num_groups: int | 
         x = layer.embed(x)
         layer.train(was)
         layer = layer.moe
-    if not isinstance(layer, MOE_LAYERS):
-        raise TypeError(f"layer must be a SoftMoE, SharedTrunkMoE, TopKMoE or ImageClassifierMoE, "
+    if not isinstance(layer, MixtureLayer):
+        raise TypeError(f"layer must be a mixture layer or an ImageClassifierMoE, "
                         f"got {type(layer).__name__}")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -357,15 +358,16 @@ def routing_matrix(layer: nn.Module, x: torch.Tensor, groups, num_groups: int | 
     layer.eval()
     try:
         E = layer.num_experts
-        if isinstance(layer, TopKMoE):
-            routing = layer.route(x)
-            weights = torch.zeros(n, E).scatter_add_(1, routing.indices, torch.ones_like(
-                routing.gates)) / layer.k
+        routing = layer.route(x)
+        if layer.DENSE:
+            weights = routing.probs.float()
         else:
-            weights = layer.gate_probs(x).reshape(n, E).float()
+            weights = torch.zeros(n, E, device=x.device).scatter_add_(
+                1, routing.indices, torch.ones_like(routing.gates, dtype=torch.float32)) / layer.k
     finally:
         layer.train(was)
-    sums = torch.zeros(size, E).index_add_(0, groups, weights)
+    groups = groups.to(weights.device)
+    sums = torch.zeros(size, E, device=weights.device).index_add_(0, groups, weights)
     counts = torch.bincount(groups, minlength=size).float()
     if (counts == 0).any():
         empty = torch.nonzero(counts == 0).flatten().tolist()

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from moe_lab import (
+    DenseMoE,
     ImageClassifierMoE,
     LanguageModelMoE,
     LowRankLinear,
     SharedTrunkMoE,
-    SoftMoE,
     TopKMoE,
     load,
     model_bytes,
@@ -18,7 +18,7 @@ from moe_lab import (
 )
 
 CASES = [
-    (lambda: SoftMoE(3, 8, 16, 4, activation="relu"), lambda: torch.randn(5, 8)),
+    (lambda: DenseMoE(3, 8, 16, 4, activation="relu"), lambda: torch.randn(5, 8)),
     (lambda: TopKMoE(4, 8, 16, 4, k=2, capacity_factor=1.5, balance_loss_weight=0.01),
      lambda: torch.randn(5, 8)),
     (lambda: TopKMoE(4, 8, 16, 4, k=1, noisy_gating=True), lambda: torch.randn(5, 8)),
@@ -54,7 +54,7 @@ def test_tied_weights_stay_tied_after_load(tmp_path):
 
 
 def test_truncated_weights_give_a_clear_error(tmp_path):
-    save(SoftMoE(3, 8, 16, 4), tmp_path)
+    save(DenseMoE(3, 8, 16, 4), tmp_path)
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(ValueError, match="damaged or truncated"):
@@ -62,7 +62,7 @@ def test_truncated_weights_give_a_clear_error(tmp_path):
 
 
 def test_edited_config_gives_a_clear_error(tmp_path):
-    save(SoftMoE(3, 8, 16, 4), tmp_path)
+    save(DenseMoE(3, 8, 16, 4), tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     config["config"]["expert_size"] = 32
     (tmp_path / "config.json").write_text(json.dumps(config))

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe_lab import SoftMoE, TopKMoE, evaluate, seed_everything, train
+from moe_lab import DenseMoE, TopKMoE, evaluate, seed_everything, train
 from moe_lab.compress.distill import distill, distillation_loss
 from moe_lab.data import make_clustered_task
 
@@ -36,7 +36,7 @@ def test_bad_arguments():
 def test_student_learns_from_the_teacher():
     task = make_clustered_task(1500, 500, seed=2)
     seed_everything(0)
-    teacher = SoftMoE(4, 16, 32, 4)
+    teacher = DenseMoE(4, 16, 32, 4)
     train(teacher, task.train, epochs=15, lr=3e-3, batch_size=64, progress=False)
     seed_everything(1)
     student = TopKMoE(4, 16, 8, 4, k=1, routing="softmax_topk", normalize=False)

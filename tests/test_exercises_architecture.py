@@ -1,6 +1,6 @@
-"""The checker of notebook 02's exercise: the experts' share of a SoftMoE's parameters."""
+"""The checker of notebook 02's exercise: the experts' share of a DenseMoE's parameters."""
 
-from moe_lab import SoftMoE, param_count
+from moe_lab import DenseMoE, param_count
 from moe_lab.exercises.architecture import check_expert_share, true_expert_share
 
 
@@ -12,7 +12,7 @@ def right(num_experts, input_size, expert_size, output_size):
 
 
 def test_true_share_matches_a_real_layer():
-    layer = SoftMoE(4, 16, 32, 4)
+    layer = DenseMoE(4, 16, 32, 4)
     assert param_count(layer) == 2376
     assert true_expert_share(4, 16, 32, 4) == 2176 / 2376
 

@@ -5,7 +5,7 @@ import torch
 
 from moe_lab import TopKMoE, flops_per_token
 from moe_lab.exercises.dispatch import check_group_by_expert, check_topk_flops, topk_flops_per_token
-from moe_lab.routing import plan_dispatch
+from moe_lab.layers.routing import plan_dispatch
 
 
 def group_argsort(indices, num_experts):

@@ -1,7 +1,7 @@
 import math
 
-from moe_lab.evaluate import wilson_interval
 from moe_lab.exercises.evaluation import check_wilson
+from moe_lab.stats import wilson_interval
 
 
 def right(successes, n, z=1.96):

@@ -1,7 +1,7 @@
 import torch
 
 from moe_lab.exercises.gating import check_balance_loss
-from moe_lab.routing import load_balancing_loss
+from moe_lab.layers.routing import load_balancing_loss
 
 
 def right(probs, indices):

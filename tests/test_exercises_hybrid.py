@@ -5,7 +5,7 @@ import torch
 from moe_lab.compress.lowrank import low_rank_from_linear
 from moe_lab.compress.quantize import quantize_experts
 from moe_lab.exercises.hybrid import check_expert_bytes, expert_payload_bytes
-from moe_lab.soft_moe import SoftMoE
+from moe_lab.layers.dense import DenseMoE
 
 
 def right(in_f, out_f, rank, bits):
@@ -55,7 +55,7 @@ def test_rejects_wrong_answers(capsys):
 
 def test_payload_matches_a_compressed_layer():
     torch.manual_seed(0)
-    layer = SoftMoE(2, 32, 64, 4)
+    layer = DenseMoE(2, 32, 64, 4)
     for i in range(2):
         layer.experts[i] = low_rank_from_linear(layer.experts[i], 5)
     quantize_experts(layer, 4)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from moe_lab import SoftMoE
+from moe_lab import DenseMoE
 from moe_lab.exercises.image_classifier import check_class_expert_share, class_expert_share
 from moe_lab.viz import routing_matrix
 
@@ -55,7 +55,7 @@ def test_rejects_wrong_answers(capsys):
 
 def test_reference_matches_routing_matrix():
     torch.manual_seed(0)
-    layer = SoftMoE(4, 16, 8, 3)
+    layer = DenseMoE(4, 16, 8, 3)
     x, y = torch.randn(90, 16), torch.arange(90) % 5
     with torch.no_grad():
         share = class_expert_share(layer.gate_probs(x), y, 5)

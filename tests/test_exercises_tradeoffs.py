@@ -1,4 +1,4 @@
-from moe_lab.evaluate import pareto_front
+from moe_lab.evaluation import pareto_front
 from moe_lab.exercises.tradeoffs import check_pareto
 
 

@@ -6,9 +6,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from moe_lab import load, model_bytes, save  # noqa: E402
-from moe_lab.compress.pipeline import ExpertPrune, FineTune, LowRank, MergeExperts, Quantize  # noqa: E402
+from moe_lab.compress import ExpertPrune, FineTune, LowRank, MergeExperts, Quantize  # noqa: E402
 from moe_lab.hf import block_inputs, compress_model, from_hf, moe_blocks  # noqa: E402
-from moe_lab.swiglu_moe import SwiGLUMoE  # noqa: E402
+from moe_lab.layers.swiglu import SwiGLUMoE  # noqa: E402
 
 COMMON = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, eos_token_id=None, bos_token_id=None,
@@ -148,9 +148,9 @@ def test_bad_recipes_and_unsupported_models():
     tokens = torch.randint(0, 96, (2, 6))
     with pytest.raises(ValueError, match="non-empty list"):
         compress_model(model, [], tokens)
-    with pytest.raises(ValueError, match="not supported here"):
+    with pytest.raises(ValueError, match="cannot be applied block by block"):
         compress_model(model, [FineTune(None)], tokens)
-    with pytest.raises(ValueError, match="not supported here"):
+    with pytest.raises(ValueError, match="cannot be applied block by block"):
         compress_model(model, ["int8"], tokens)
     with pytest.raises(ValueError, match="calibration_tokens"):
         compress_model(model, [Quantize(8)], torch.randn(2, 6))

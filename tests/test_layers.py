@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_lab import LowRankLinear, SharedTrunkMoE, SoftMoE, TopKMoE, collect_aux_loss
-from moe_lab.reference import DeckConditionalMoE, DeckMoE
+from moe_lab import DenseMoE, LowRankLinear, SharedTrunkMoE, TopKMoE, collect_aux_loss
+from moe_lab.layers.reference import DeckConditionalMoE, DeckMoE
 
 
 def dense_topk_reference(layer: TopKMoE, x: torch.Tensor, dropped=()) -> torch.Tensor:
@@ -28,14 +28,14 @@ def dense_topk_reference(layer: TopKMoE, x: torch.Tensor, dropped=()) -> torch.T
 
 def test_soft_moe_loads_deck_state_dict_and_matches():
     deck = DeckMoE(5, 12, 20, 7)
-    ours = SoftMoE(5, 12, 20, 7)
+    ours = DenseMoE(5, 12, 20, 7)
     ours.load_state_dict(deck.state_dict())
     x = torch.randn(33, 12)
     torch.testing.assert_close(ours(x), deck(x), rtol=1e-5, atol=1e-6)
 
 
 def test_soft_moe_accepts_leading_dimensions_and_gates_sum_to_one():
-    layer = SoftMoE(4, 8, 16, 3, activation="gelu")
+    layer = DenseMoE(4, 8, 16, 3, activation="gelu")
     x = torch.randn(2, 5, 8)
     torch.testing.assert_close(layer(x), layer(x.reshape(10, 8)).reshape(2, 5, 3))
     torch.testing.assert_close(layer.gate_probs(x).sum(-1), torch.ones(2, 5))
@@ -170,7 +170,7 @@ def test_low_rank_linear_is_two_factors():
     (lambda: TopKMoE(4, 8, 8, 8, balance_loss_weight=-0.1), "balance_loss_weight must be >= 0"),
     (lambda: TopKMoE(4, 8, 8, 8, routing="nope"), "routing must be one of"),
     (lambda: TopKMoE(4, 8, 8, 8, activation="tanh"), "activation must be None or one of"),
-    (lambda: SoftMoE(4, 0, 8, 8), "input_size must be >= 1"),
+    (lambda: DenseMoE(4, 0, 8, 8), "input_size must be >= 1"),
     (lambda: SharedTrunkMoE(4, 8, 8, 8, shared_size=0), "shared_size must be >= 1"),
     (lambda: LowRankLinear(8, 4, rank=5), "rank must be <="),
     (lambda: LowRankLinear(8, 4, rank=0), "rank must be >= 1"),
@@ -183,7 +183,7 @@ def test_bad_constructor_arguments_name_the_parameter(make, match):
 def test_bad_types_and_inputs():
     with pytest.raises(TypeError, match="k must be an int"):
         TopKMoE(4, 8, 8, 8, k=2.0)
-    for layer in (SoftMoE(4, 8, 8, 2), TopKMoE(4, 8, 8, 2), SharedTrunkMoE(4, 8, 8, 2, 4),
+    for layer in (DenseMoE(4, 8, 8, 2), TopKMoE(4, 8, 8, 2), SharedTrunkMoE(4, 8, 8, 2, 4),
                   LowRankLinear(8, 2, 1)):
         with pytest.raises(ValueError, match="x must have last dimension 8"):
             layer(torch.randn(3, 7))
@@ -193,7 +193,7 @@ def test_bad_types_and_inputs():
 
 def test_experts_can_be_any_module_of_the_right_shape():
     torch.manual_seed(2)
-    topk, soft = TopKMoE(4, 6, 10, 4, k=2), SoftMoE(4, 6, 10, 4)
+    topk, soft = TopKMoE(4, 6, 10, 4, k=2), DenseMoE(4, 6, 10, 4)
     for layer in (topk, soft):
         layer.experts[1] = LowRankLinear(6, 10, rank=2)
     x = torch.randn(30, 6)

@@ -44,19 +44,19 @@ def test_bad_arguments(kwargs, error, match):
 
 
 def test_low_rank_experts_replaces_experts_only():
-    from moe_lab import LowRankLinear, SoftMoE
+    from moe_lab import DenseMoE, LowRankLinear
     from moe_lab.compress import low_rank_experts
 
-    layer = SoftMoE(3, 32, 32, 8)
+    layer = DenseMoE(3, 32, 32, 8)
     x = torch.randn(6, 32)
-    half = low_rank_experts(SoftMoE(3, 32, 32, 8), energy=0.5)
+    half = low_rank_experts(DenseMoE(3, 32, 32, 8), energy=0.5)
     assert all(isinstance(e, LowRankLinear) and e.rank < 16 for e in half.experts)
     reference = layer(x)
     low_rank_experts(layer, 15)
     assert all(e.rank == 15 for e in layer.experts) and type(layer.output) is nn.Linear
     assert layer(x).shape == reference.shape
     with pytest.raises(ValueError, match="does not shrink"):
-        low_rank_experts(SoftMoE(3, 32, 32, 8), 16)
+        low_rank_experts(DenseMoE(3, 32, 32, 8), 16)
     with pytest.raises(ValueError, match="no MoE layer"):
         low_rank_experts(nn.Linear(3, 3), 1)
 
@@ -77,8 +77,8 @@ def test_low_rank_of_a_quantized_expert_uses_its_dequantized_weight():
 
 
 def test_energy_that_would_grow_a_matrix_leaves_it_dense():
-    from moe_lab import SoftMoE
+    from moe_lab import DenseMoE
     from moe_lab.compress import low_rank_experts
 
-    layer = low_rank_experts(SoftMoE(2, 16, 16, 4), energy=1.0)  # full rank 16 > break-even 8
+    layer = low_rank_experts(DenseMoE(2, 16, 16, 4), energy=1.0)  # full rank 16 > break-even 8
     assert all(type(e) is nn.Linear for e in layer.experts)

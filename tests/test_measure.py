@@ -5,9 +5,9 @@ import torch
 import torch.nn as nn
 
 from moe_lab import (
+    DenseMoE,
     ImageClassifierMoE,
     LanguageModelMoE,
-    SoftMoE,
     TopKMoE,
     active_params_per_token,
     flops_per_token,
@@ -18,13 +18,13 @@ from moe_lab import (
 
 
 def test_model_bytes_is_about_four_bytes_per_parameter():
-    layer = SoftMoE(8, 64, 128, 32)
+    layer = DenseMoE(8, 64, 128, 32)
     size = model_bytes(layer)
     assert 4 * param_count(layer) < size < 4 * param_count(layer) + 8_000  # header + JSON config
 
 
 def test_zeroed_weights_cost_the_same_bytes_but_fewer_nonzeros():
-    layer = SoftMoE(4, 32, 64, 16)
+    layer = DenseMoE(4, 32, 64, 16)
     before = model_bytes(layer)
     with torch.no_grad():
         for expert in layer.experts:
@@ -47,7 +47,7 @@ def test_active_params_of_topk_layer():
     layer = TopKMoE(E, d, h, o, k=k)
     expected = (d * E + E) + k * (d * h + h) + (h * o + o)
     assert active_params_per_token(layer) == expected
-    assert active_params_per_token(SoftMoE(E, d, h, o)) == param_count(SoftMoE(E, d, h, o))
+    assert active_params_per_token(DenseMoE(E, d, h, o)) == param_count(DenseMoE(E, d, h, o))
 
 
 def test_active_params_of_language_model_count_one_embedding_row_and_the_tied_head():
@@ -73,7 +73,7 @@ def test_measured_flops_of_soft_moe_count_every_expert():
     E, d, h, o, n = 6, 16, 32, 8, 50
     # all expert matmuls, plus the (1 x E) @ (E x h) mixing product per token
     expected = 2 * (d * E + E * d * h + h * o) + 2 * E * h
-    assert flops_per_token(SoftMoE(E, d, h, o), torch.randn(n, d)) == expected
+    assert flops_per_token(DenseMoE(E, d, h, o), torch.randn(n, d)) == expected
 
 
 def test_flops_per_token_counts_tokens_images_and_override():

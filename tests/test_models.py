@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from moe_lab import ImageClassifierMoE, LanguageModelMoE, SoftMoE, TopKMoE
+from moe_lab import DenseMoE, ImageClassifierMoE, LanguageModelMoE, TopKMoE
 
 
 def test_image_classifier_shapes_and_moe_kinds():
-    for kind, cls in [("soft", SoftMoE), ("topk", TopKMoE)]:
+    for kind, cls in [("soft", DenseMoE), ("topk", TopKMoE)]:
         model = ImageClassifierMoE(num_classes=7, num_experts=3, expert_size=16, channels=(8, 16),
                                    pool_size=2, hidden_size=12, moe=kind, k=2)
         assert isinstance(model.moe, cls)

@@ -9,7 +9,7 @@ import numpy as np, torch
 torch.manual_seed(0); random.seed(0); np.random.seed(0)
 before = (torch.get_num_threads(), torch.get_default_dtype(), torch.random.get_rng_state().clone(),
           random.getstate(), np.random.get_state()[1].copy(), list(warnings.filters))
-import moe_lab, moe_lab.compress, moe_lab.data, moe_lab.evaluate, moe_lab.viz, moe_lab.study, moe_lab.recipes
+import moe_lab, moe_lab.compress, moe_lab.data, moe_lab.evaluation, moe_lab.viz, moe_lab.study, moe_lab.hf
 after = (torch.get_num_threads(), torch.get_default_dtype(), torch.random.get_rng_state(),
          random.getstate(), np.random.get_state()[1], list(warnings.filters))
 assert before[0] == after[0] and before[1] == after[1]

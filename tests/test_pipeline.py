@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from moe_lab import ImageClassifierMoE, SoftMoE, TopKMoE, evaluate, load, save, seed_everything, train
-from moe_lab.compress.pipeline import (
+from moe_lab import DenseMoE, ImageClassifierMoE, TopKMoE, evaluate, load, save, seed_everything, train
+from moe_lab.compress import (
     ExpertPrune,
     FineTune,
     LowRank,
@@ -53,7 +53,7 @@ def test_deck_style_random_low_rank_destroys_what_svd_keeps(trained):
     svd = compress(layer, [LowRank(rank=8)], task.x_train[:256], score).records[-1]["metric"]
     random_init = TopKMoE(8, 32, 64, 4, k=2)
     random_init.load_state_dict(layer.state_dict())
-    from moe_lab.low_rank import LowRankLinear
+    from moe_lab.layers.compact.lowrank import LowRankLinear
     for i in range(8):
         random_init.experts[i] = LowRankLinear(32, 64, 8)  # the deck: fresh factors, trained weights lost
     assert svd > score(random_init) + 0.2
@@ -72,17 +72,17 @@ def test_bad_pipelines():
     with pytest.raises(ValueError, match="no mixture-of-experts layer"):
         compress(torch.nn.Linear(3, 3), [Quantize()], torch.randn(2, 3))
     with pytest.raises(TypeError, match="compression stages"):
-        compress(SoftMoE(2, 3, 4, 2), ["quantize"], torch.randn(2, 3))
+        compress(DenseMoE(2, 3, 4, 2), ["quantize"], torch.randn(2, 3))
     with pytest.raises(ValueError, match="bits must be one of"):
-        compress(SoftMoE(2, 4, 4, 2), [Quantize(3)], torch.randn(2, 4))
-    with pytest.raises(ValueError, match="fraction must be in"):
-        compress(SoftMoE(2, 4, 4, 2), [ExpertPrune(1.0)], torch.randn(2, 4))
+        compress(DenseMoE(2, 4, 4, 2), [Quantize(3)], torch.randn(2, 4))
+    with pytest.raises(ValueError, match="fraction must be a number in"):
+        compress(DenseMoE(2, 4, 4, 2), [ExpertPrune(1.0)], torch.randn(2, 4))
     with pytest.raises(ValueError, match="does not shrink"):
-        compress(SoftMoE(2, 4, 4, 2), [LowRank(rank=3)], torch.randn(2, 4))
+        compress(DenseMoE(2, 4, 4, 2), [LowRank(rank=3)], torch.randn(2, 4))
 
 
 def test_stage_orders_that_cannot_work_fail_loudly():
-    layer = SoftMoE(2, 8, 16, 4)
+    layer = DenseMoE(2, 8, 16, 4)
     with pytest.raises(ValueError, match="sparse .bitmask. weights"):
         compress(layer, [MagnitudePrune(0.5), Quantize(8)], torch.randn(4, 8))
     with pytest.raises(ValueError, match="already quantized or stored sparsely"):

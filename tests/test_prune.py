@@ -4,7 +4,16 @@ import pytest
 import torch
 import torch.nn as nn
 
-from moe_lab import ImageClassifierMoE, SharedTrunkMoE, SoftMoE, TopKMoE, load, model_bytes, param_count, save
+from moe_lab import (
+    DenseMoE,
+    ImageClassifierMoE,
+    SharedTrunkMoE,
+    TopKMoE,
+    load,
+    model_bytes,
+    param_count,
+    save,
+)
 from moe_lab.compress.prune import (
     expert_usage,
     magnitude_prune,
@@ -14,7 +23,7 @@ from moe_lab.compress.prune import (
     select_experts,
     to_sparse,
 )
-from moe_lab.compress.sparse import SparseLinear, pack_mask, sparse_bytes, unpack_mask
+from moe_lab.layers.compact.sparse import SparseLinear, pack_mask, sparse_bytes, unpack_mask
 
 
 def test_layer_scope_prunes_each_matrix_and_keeps_the_router():
@@ -28,7 +37,7 @@ def test_layer_scope_prunes_each_matrix_and_keeps_the_router():
 
 
 def test_pruned_weights_are_the_smallest():
-    layer = SoftMoE(2, 8, 8, 4)
+    layer = DenseMoE(2, 8, 8, 4)
     original = layer.experts[0].weight.detach().clone()
     magnitude_prune(layer, 0.5)
     kept = layer.experts[0].weight != 0
@@ -36,7 +45,7 @@ def test_pruned_weights_are_the_smallest():
 
 
 def test_global_scope_shares_one_threshold():
-    layer = SoftMoE(2, 8, 8, 4)
+    layer = DenseMoE(2, 8, 8, 4)
     with torch.no_grad():
         layer.experts[0].weight.mul_(100)  # expert 0 is big: global pruning spares it
     magnitude_prune(layer, 0.5, scope="global")
@@ -44,7 +53,7 @@ def test_global_scope_shares_one_threshold():
 
 
 def test_zeros_cost_dense_bytes_until_stored_sparsely():
-    layer = SoftMoE(4, 64, 128, 32)
+    layer = DenseMoE(4, 64, 128, 32)
     dense = model_bytes(layer)
     magnitude_prune(layer, 0.9)
     assert model_bytes(layer) == dense
@@ -88,7 +97,7 @@ def test_deck_identity_replacement_breaks_shapes():
         layer(torch.randn(64, 16))
 
 
-@pytest.mark.parametrize("cls", [SoftMoE, TopKMoE, SharedTrunkMoE])
+@pytest.mark.parametrize("cls", [DenseMoE, TopKMoE, SharedTrunkMoE])
 def test_prune_experts_keeps_trained_experts_and_router_rows(cls):
     args = (5, 12, 16, 6) + ((8,) if cls is SharedTrunkMoE else ())
     layer = cls(*args)

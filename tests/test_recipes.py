@@ -3,7 +3,7 @@
 import pytest
 
 from moe_lab.compress import ExpertPrune, LowRank, MagnitudePrune, MergeExperts, Quantize
-from moe_lab.recipes import parse_recipe
+from moe_lab.compress.recipes import parse_recipe
 
 
 def test_parse_recipe():
@@ -16,10 +16,10 @@ def test_parse_recipe():
 
 
 @pytest.mark.parametrize("recipe, match", [
-    ("", "non-empty"), ("int3", "unknown recipe item 'int3'"), ("prune-experts=x", "is not a float"),
-    ("prune-experts=1.5", "in \\[0, 1\\)"), ("lowrank=0", "energy in"),
+    ("", "non-empty"), ("int3", "bits must be one of"), ("quant8", "unknown recipe item 'quant8'"), ("prune-experts=x", "is not a float"),
+    ("prune-experts=1.5", "in \\[0, 1\\)"), ("lowrank=0", "energy or rank must be in"),
     ("finetune=1", "no compression stage"),
-    ("merge=2.5", "is not a int"), ("finetune=0,int8", "epochs must be >= 1"),
+    ("merge=2.5", "is not a int"), ("finetune=0,int8", "epochs must be in"),
 ])
 def test_bad_recipes(recipe, match):
     with pytest.raises(ValueError, match=match):

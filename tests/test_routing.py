@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_lab.routing import (
+from moe_lab.layers.routing import (
     expert_capacity,
     load_balancing_loss,
     noisy_logits,

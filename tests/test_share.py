@@ -5,11 +5,12 @@ import copy
 import pytest
 import torch
 
-from moe_lab import SharedTrunkMoE, SoftMoE, TopKMoE, load, model_bytes, param_count, save
-from moe_lab.compress.share import BaseDeltaLinear, base_delta_experts, group_experts, merge_experts
+from moe_lab import DenseMoE, SharedTrunkMoE, TopKMoE, load, model_bytes, param_count, save
+from moe_lab.compress.share import base_delta_experts, group_experts, merge_experts
+from moe_lab.layers.compact import BaseDeltaLinear
 
 
-def duplicated_layer(cls=SoftMoE):
+def duplicated_layer(cls=DenseMoE):
     """4 experts where 0 == 2 and 1 == 3 (weights and router rows)."""
     torch.manual_seed(0)
     layer = cls(4, 8, 12, 5) if cls is not TopKMoE else cls(4, 8, 12, 5, k=2)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from moe_lab import flops_per_token, load, save
-from moe_lab.slot_moe import SlotSoftMoE, group_into_sequences
+from moe_lab.data import group_into_sequences
+from moe_lab.layers.slot import SlotSoftMoE
 
 
 def loop_reference(layer: SlotSoftMoE, x: torch.Tensor) -> torch.Tensor:

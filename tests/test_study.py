@@ -46,8 +46,8 @@ def test_study_reuses_a_saved_base_model(study, tmp_path):
 
 
 def test_bad_recipe_exits_with_a_clear_message(tmp_path):
-    result = run("--task", "synthetic", "--recipe", "int3", "--out", str(tmp_path))
-    assert result.returncode == 2 and "unknown recipe item 'int3'" in result.stderr
+    result = run("--task", "synthetic", "--recipe", "quant3", "--out", str(tmp_path))
+    assert result.returncode == 2 and "unknown recipe item 'quant3'" in result.stderr
 
 
 def test_missing_data_exits_with_a_clear_message(tmp_path):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from moe_lab import load, model_bytes, save
 from moe_lab.compress import ExpertPrune, LowRank, MergeExperts, Quantize, compress
-from moe_lab.swiglu_moe import SwiGLUMoE
+from moe_lab.layers.swiglu import SwiGLUMoE
 
 
 def dense_reference(layer: SwiGLUMoE, x: torch.Tensor) -> torch.Tensor:

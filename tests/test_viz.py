@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from moe_lab import ImageClassifierMoE, LanguageModelMoE, SharedTrunkMoE, SoftMoE, TopKMoE, param_count
+from moe_lab import DenseMoE, ImageClassifierMoE, LanguageModelMoE, SharedTrunkMoE, TopKMoE, param_count
 from moe_lab.viz import (
     architecture_graph,
     draw_architecture,
@@ -20,8 +20,8 @@ matplotlib.use("Agg")
 
 
 def small_models():
-    return [SoftMoE(4, 16, 32, 4), TopKMoE(5, 16, 32, 4, k=2), TopKMoE(3, 8, 8, 2, k=1, noisy_gating=True),
-            SharedTrunkMoE(3, 16, 32, 4, 8), SoftMoE(2, 4, 4, 4, activation="relu"),
+    return [DenseMoE(4, 16, 32, 4), TopKMoE(5, 16, 32, 4, k=2), TopKMoE(3, 8, 8, 2, k=1, noisy_gating=True),
+            SharedTrunkMoE(3, 16, 32, 4, 8), DenseMoE(2, 4, 4, 4, activation="relu"),
             ImageClassifierMoE(num_experts=3, expert_size=16, channels=(4,), hidden_size=8),
             ImageClassifierMoE(num_experts=4, expert_size=8, channels=(4,), hidden_size=8, moe="topk"),
             LanguageModelMoE(50, num_experts=2, expert_size=16, embedding_dim=16, num_heads=2, num_layers=2),
@@ -50,7 +50,7 @@ def test_graph_params_sum_to_param_count(model, expand):
 
 @pytest.mark.parametrize("num_experts", [1, 2, 4, 7])
 def test_soft_graph_follows_num_experts(num_experts):
-    layer = SoftMoE(num_experts, 6, 5, 3)
+    layer = DenseMoE(num_experts, 6, 5, 3)
     graph = architecture_graph(layer)
     assert graph.number_of_nodes() == 2 * num_experts + 5
     experts = [n for n, a in graph.nodes(data=True) if a["kind"] == "expert"]
@@ -107,7 +107,7 @@ def test_models_expand_their_moe_layers():
 
 
 def test_param_breakdown_experts_dominate_a_wide_layer():
-    breakdown = param_breakdown(SoftMoE(8, 64, 256, 64))
+    breakdown = param_breakdown(DenseMoE(8, 64, 256, 64))
     assert list(breakdown)[0] == "experts"
     assert breakdown["experts"] == 8 * (64 * 256 + 256)
     assert breakdown["router"] == 64 * 8 + 8
@@ -119,7 +119,7 @@ def test_graph_bad_inputs():
     with pytest.raises(TypeError, match="model"):
         architecture_graph(nn.Linear(3, 3))
     with pytest.raises(TypeError, match="expand_moe"):
-        architecture_graph(SoftMoE(2, 3, 3, 3), expand_moe="yes")
+        architecture_graph(DenseMoE(2, 3, 3, 3), expand_moe="yes")
     with pytest.raises(TypeError, match="graph_or_model"):
         param_breakdown(3)
     with pytest.raises(TypeError, match="graph_or_model"):
@@ -128,7 +128,7 @@ def test_graph_bad_inputs():
         draw_architecture(nx.DiGraph())
 
 
-@pytest.mark.parametrize("model", [SoftMoE(3, 8, 8, 2), TopKMoE(4, 8, 8, 2),
+@pytest.mark.parametrize("model", [DenseMoE(3, 8, 8, 2), TopKMoE(4, 8, 8, 2),
                                    LanguageModelMoE(30, num_experts=2, expert_size=8, embedding_dim=8,
                                                     num_heads=2, num_layers=1)],
                          ids=lambda m: type(m).__name__)
@@ -145,7 +145,7 @@ def test_draw_architecture(model):
 
 
 def test_routing_matrix_dense_rows_are_mean_gates():
-    layer = SoftMoE(3, 4, 5, 2)
+    layer = DenseMoE(3, 4, 5, 2)
     x = torch.randn(2, 10, 4)  # (batch, time, d): 20 tokens
     groups = torch.arange(20) % 4
     matrix = routing_matrix(layer, x, groups)
@@ -182,7 +182,7 @@ def test_routing_matrix_image_model():
 
 
 def test_routing_matrix_bad_inputs():
-    layer = SoftMoE(3, 4, 5, 2)
+    layer = DenseMoE(3, 4, 5, 2)
     x = torch.randn(6, 4)
     with pytest.raises(TypeError, match="layer"):
         routing_matrix(nn.Linear(4, 3), x, torch.zeros(6, dtype=torch.long))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from moe_lab._checks import finite_float, positive_int
-from moe_lab.topk_moe import collect_aux_loss
+from moe_lab.layers.topk import collect_aux_loss
 from moe_lab.training import as_loader
 
 

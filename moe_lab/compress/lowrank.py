@@ -8,18 +8,21 @@ evenly: ``LowRankLinear.U.weight = sqrt(S_r) V_r^T`` and ``V.weight = U_r sqrt(S
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
-from moe_lab._checks import finite_float
-from moe_lab.low_rank import LowRankLinear
+from moe_lab._checks import finite_float, positive_int
+from moe_lab.compress.registry import Stage, number, register_stage
+from moe_lab.compress.targets import moe_layers, replace_module
+from moe_lab.layers.compact.base import CompactLinear
+from moe_lab.layers.compact.lowrank import LowRankLinear
 
 
 def _is_linear_like(module: nn.Module) -> bool:
-    from moe_lab.compress.quantize import QuantizedLinear
-    from moe_lab.compress.sparse import SparseLinear
-
-    return type(module) in (nn.Linear, QuantizedLinear, SparseLinear)
+    """A full-width linear map: ``nn.Linear`` or one stored in buffers (quantized, sparse)."""
+    return type(module) is nn.Linear or (isinstance(module, CompactLinear) and module.WEIGHT_IN_BUFFERS)
 
 
 def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:
@@ -70,13 +73,11 @@ def low_rank_experts(model: nn.Module, rank: int | None = None, *, energy: float
     ``rank`` that does so raises; with ``energy``, a matrix that would need such a rank is
     left as it is (it cannot be compressed by this method at that energy).
     """
-    from moe_lab.compress.targets import experts_name, moe_layers, replace_module
-
     layers = moe_layers(model)
     if not layers:
         raise ValueError("model has no MoE layer to give low-rank experts")
     for prefix, layer in layers:
-        heads = [experts_name(layer)] + (["output"] if include_output else [])
+        heads = [layer.EXPERTS] + (["output"] if include_output else [])
         targets = [(name, m) for name, m in layer.named_modules()
                    if _is_linear_like(m) and name.split(".")[0] in heads]
         for name, module in targets:
@@ -89,3 +90,43 @@ def low_rank_experts(model: nn.Module, rank: int | None = None, *, energy: float
                                  f"(break-even rank {in_f * out_f // (in_f + out_f)})")
             replace_module(model, f"{prefix}.{name}" if prefix else name, low)
     return model
+
+
+@register_stage(r"lowrank=(?P<amount>.+)", "lowrank=X")
+@dataclass
+class LowRank(Stage):
+    """Replace expert matrices by truncated SVDs of their trained weights (``rank`` or ``energy``)."""
+
+    rank: int | None = None
+    energy: float | None = None
+
+    def __post_init__(self):
+        if (self.rank is None) == (self.energy is None):
+            raise ValueError("give exactly one of rank or energy")
+        if self.rank is not None:
+            positive_int("rank", self.rank)
+        else:
+            finite_float("energy", self.energy, minimum=0.0, strict=True)
+            if self.energy > 1:
+                raise ValueError(f"energy must be in (0, 1], got {self.energy}")
+
+    @property
+    def name(self) -> str:
+        return f"low-rank experts ({f'rank {self.rank}' if self.rank else f'{self.energy:.0%} energy'})"
+
+    @property
+    def recipe(self) -> str:
+        return f"lowrank={self.rank}" if self.rank else f"lowrank={self.energy:g}"
+
+    @classmethod
+    def from_recipe(cls, item: str, amount: str) -> LowRank:
+        value = number(item, amount, what="the energy or rank", low=0, low_open=True)
+        if value < 1:
+            return cls(energy=value)
+        if value != int(value):
+            raise ValueError(f"recipe item {item!r}: a value >= 1 is a rank and must be a whole number "
+                             f"(an energy must be below 1)")
+        return cls(rank=int(value))
+
+    def apply(self, model: nn.Module, calibration: torch.Tensor) -> nn.Module:
+        return low_rank_experts(model, self.rank, energy=self.energy)

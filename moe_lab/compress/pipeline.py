@@ -15,104 +15,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from moe_lab.compress.lowrank import low_rank_experts
-from moe_lab.compress.prune import magnitude_prune, prune_model_experts, to_sparse
-from moe_lab.compress.quantize import quantize_experts
-from moe_lab.compress.share import merge_experts
-from moe_lab.compress.targets import layer_inputs, moe_layers, replace_module
+from moe_lab.compress.registry import Stage
+from moe_lab.compress.targets import moe_layers
 from moe_lab.measure import model_bytes, moe_bytes, param_count
 from moe_lab.training import train
 
 
 @dataclass
-class ExpertPrune:
-    """Remove ``fraction`` of each MoE layer's experts (at least one stays), chosen by
-    ``score`` on the calibration data: ``"frequency"``, ``"gate_weight"`` or ``"reconstruction"``."""
-
-    fraction: float
-    score: str = "frequency"
-
-    @property
-    def name(self) -> str:
-        return f"prune {self.fraction:.0%} of experts ({self.score})"
-
-    def apply(self, model: nn.Module, calibration: torch.Tensor) -> nn.Module:
-        if not 0 <= self.fraction < 1:
-            raise ValueError(f"fraction must be in [0, 1), got {self.fraction}")
-        experts = moe_layers(model)[0][1].num_experts
-        keep = max(1, round(experts * (1 - self.fraction)))
-        return prune_model_experts(model, calibration, keep, self.score)
-
-
-@dataclass
-class MagnitudePrune:
-    """Zero ``sparsity`` of the MoE weights by magnitude; store them sparsely if ``sparse_storage``."""
-
-    sparsity: float
-    scope: str = "layer"
-    sparse_storage: bool = True
-
-    @property
-    def name(self) -> str:
-        return f"magnitude prune {self.sparsity:.0%}" + (" + sparse storage" if self.sparse_storage else "")
-
-    def apply(self, model: nn.Module, calibration: torch.Tensor) -> nn.Module:
-        magnitude_prune(model, self.sparsity, scope=self.scope)
-        return to_sparse(model) if self.sparse_storage else model
-
-
-@dataclass
-class MergeExperts:
-    """Merge each MoE layer's experts into ``num_groups`` by output similarity."""
-
-    num_groups: int
-
-    @property
-    def name(self) -> str:
-        return f"merge experts into {self.num_groups}"
-
-    def apply(self, model: nn.Module, calibration: torch.Tensor) -> nn.Module:
-        for name, layer in moe_layers(model):
-            x = calibration if not name else layer_inputs(model, layer, calibration)
-            merged = merge_experts(layer, x, self.num_groups)
-            if not name:
-                return merged
-            replace_module(model, name, merged)
-        return model
-
-
-@dataclass
-class LowRank:
-    """Replace expert matrices by truncated SVDs of their trained weights (``rank`` or ``energy``)."""
-
-    rank: int | None = None
-    energy: float | None = None
-
-    @property
-    def name(self) -> str:
-        return f"low-rank experts ({f'rank {self.rank}' if self.rank else f'{self.energy:.0%} energy'})"
-
-    def apply(self, model: nn.Module, calibration: torch.Tensor) -> nn.Module:
-        return low_rank_experts(model, self.rank, energy=self.energy)
-
-
-@dataclass
-class Quantize:
-    """Weight-only int8 / int4 quantization of the MoE layers; the router stays in float."""
-
-    bits: int = 8
-    group_size: int | None = None
-
-    @property
-    def name(self) -> str:
-        return f"int{self.bits} weights" + (f" (groups of {self.group_size})" if self.group_size else "")
-
-    def apply(self, model: nn.Module, calibration: torch.Tensor) -> nn.Module:
-        return quantize_experts(model, self.bits, self.group_size)
-
-
-@dataclass
-class FineTune:
+class FineTune(Stage):
     """A short training run on ``data`` (a DataLoader or ``(inputs, targets)``): it updates
     the parameters that are still float (quantized and sparse weights are buffers and stay)."""
 
@@ -123,9 +33,15 @@ class FineTune:
     batch_size: int = 128
     max_steps: int | None = None
 
+    per_layer = False
+
     @property
     def name(self) -> str:
         return f"fine-tune {self.epochs} epoch(s)"
+
+    @property
+    def recipe(self) -> str:
+        return f"finetune={self.epochs}"
 
     def apply(self, model: nn.Module, calibration: torch.Tensor) -> nn.Module:
         if any(p.requires_grad for p in model.parameters()):
@@ -168,7 +84,7 @@ def compress(model: nn.Module, stages: list, calibration: torch.Tensor, evaluate
     if not moe_layers(model):
         raise ValueError("model has no mixture-of-experts layer to compress")
     for stage in stages:
-        if not (hasattr(stage, "apply") and hasattr(stage, "name")):
+        if not isinstance(stage, Stage):
             raise TypeError(f"stages must be compression stages (ExpertPrune, LowRank, Quantize, ...), "
                             f"got {type(stage).__name__}")
     model = copy.deepcopy(model) if copy_model else model

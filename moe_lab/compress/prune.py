@@ -11,25 +11,19 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.utils.prune as torch_prune
 
 from moe_lab._checks import last_dim, positive_int
-from moe_lab.compress.sparse import SparseLinear
-from moe_lab.compress.targets import (
-    MOE_TYPES,
-    expert_linears,
-    experts_name,
-    input_size,
-    layer_inputs,
-    moe_layers,
-    replace_module,
-    router_names,
-)
-from moe_lab.soft_moe import SoftMoE
-from moe_lab.topk_moe import TopKMoE
+from moe_lab.compress.registry import Stage, number, register_stage
+from moe_lab.compress.targets import check_mixture, expert_linears, layer_inputs, moe_layers, replace_module
+from moe_lab.layers.compact.base import CompactLinear
+from moe_lab.layers.compact.sparse import SparseLinear
+from moe_lab.layers.dense import DenseMoE
+from moe_lab.layers.topk import TopKMoE
 
 EXPERT_SCORES = ("frequency", "gate_weight", "reconstruction")
 
@@ -52,10 +46,8 @@ def magnitude_prune(model: nn.Module, sparsity: float, *, scope: str = "layer",
     sparsity = _check_sparsity(sparsity)
     if scope not in ("layer", "global"):
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
-    from moe_lab.compress.quantize import QuantizedLinear
-
-    compressed = (QuantizedLinear, SparseLinear)
-    if any(isinstance(m, compressed) for _, layer in moe_layers(model) for m in layer.modules()):
+    if any(isinstance(m, CompactLinear) and m.WEIGHT_IN_BUFFERS
+           for _, layer in moe_layers(model) for m in layer.modules()):
         raise ValueError("the MoE layers are already quantized or stored sparsely: magnitude-prune the float "
                          "weights first, then quantize or store them sparsely")
     targets = [module for _, module in expert_linears(model, include_router)]
@@ -90,8 +82,8 @@ def prune_hidden_units(layer: nn.Module, keep: int) -> nn.Module:
     """Structured pruning: keep the ``keep`` most important hidden units (of ``expert_size``),
     dropping the same rows from every expert and columns from ``output``. Returns a new,
     smaller layer of the same class; matrices really shrink."""
-    if not isinstance(layer, (SoftMoE, TopKMoE)) or not all(type(e) is nn.Linear for e in layer.experts):
-        raise TypeError("prune_hidden_units needs a SoftMoE or TopKMoE with nn.Linear experts")
+    if type(layer) not in (DenseMoE, TopKMoE) or not all(type(e) is nn.Linear for e in layer.experts):
+        raise TypeError("prune_hidden_units needs a DenseMoE or TopKMoE with nn.Linear experts")
     hidden = layer.config["expert_size"]
     positive_int("keep", keep)
     if keep > hidden:
@@ -114,55 +106,54 @@ def expert_usage(layer: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """How much a layer uses each expert on calibration inputs ``x`` ``(..., d)``.
 
     ``frequency``: fraction of routed assignments per expert (a dense layer's top-1 choice);
-    ``gate_weight``: mean gate weight per expert over tokens. Both ``(E,)``, summing to one.
+    ``gate_weight``: mean gate weight per expert over tokens. Both ``(E,)`` float32, summing to
+    one, on ``x``'s device (see :meth:`moe_lab.MixtureLayer.expert_load`).
     """
-    if not isinstance(layer, MOE_TYPES):
-        raise TypeError(f"layer must be a mixture layer, got {type(layer).__name__}")
-    last_dim("x", x, input_size(layer))
-    E = layer.num_experts
-    if hasattr(layer, "route"):
-        routing = layer.route(x)
-        indices, gates = routing.indices, routing.gates
-    else:
-        probs = layer.gate_probs(x).reshape(-1, E)
-        indices, gates = probs.argmax(-1, keepdim=True), probs
-    counts = torch.bincount(indices.reshape(-1), minlength=E).float()
-    if hasattr(layer, "route"):
-        weight = torch.zeros(E).index_add_(0, indices.reshape(-1), gates.reshape(-1).float())
-    else:
-        weight = gates.sum(0)
-    return {"frequency": counts / counts.sum(), "gate_weight": weight / weight.sum()}
+    check_mixture(layer)
+    last_dim("x", x, layer.input_size)
+    load = layer.expert_load(x)
+    return {"frequency": load.frequency.float(), "gate_weight": load.mean_gate.float()}
 
 
 def prune_experts(layer: nn.Module, keep: list[int]) -> nn.Module:
     """A new layer with only the experts ``keep`` (their trained weights) and the matching
     router rows; ``num_experts`` (and a top-k layer's ``k``, if it exceeds the experts left)
     updated. No token can be routed to a removed expert."""
-    if not isinstance(layer, MOE_TYPES):
-        raise TypeError(f"layer must be a mixture layer, got {type(layer).__name__}")
+    check_mixture(layer)
     keep = [int(e) for e in keep]
     E = layer.num_experts
     if not keep:
         raise ValueError("keep must name at least one expert: pruning all experts leaves no layer")
     if len(set(keep)) != len(keep) or not all(0 <= e < E for e in keep):
         raise ValueError(f"keep must be distinct expert indices in [0, {E}), got {keep}")
+    routers = {name: getattr(layer, name) for name in layer.ROUTERS if getattr(layer, name, None) is not None}
+    if not all(isinstance(r, nn.Linear) and r.out_features == E for r in routers.values()):
+        raise TypeError(f"{type(layer).__name__} does not route with a linear router of one row per expert: "
+                        f"its experts cannot be pruned by removing router rows")
     config = {**layer.config, "num_experts": len(keep)}
     if "k" in config:
         config["k"] = min(config["k"], len(keep))
-    new = type(layer)(**config)
-    index = torch.tensor(keep)
+    with torch.device("meta"):  # the structure only: every tensor is copied from the old layer below
+        new = type(layer)(**config)
+    index = torch.tensor(keep, device=layer.router.weight.device)
     with torch.no_grad():
         for name, child in layer.named_children():
-            if name == experts_name(layer):
+            if name == layer.EXPERTS:
                 setattr(new, name, nn.ModuleList(copy.deepcopy(child[e]) for e in keep))
-            elif name in router_names(layer) and child.out_features == E:
-                router = getattr(new, name)
-                router.weight.copy_(child.weight[index])
+            elif name in routers:
+                router = copy.deepcopy(child)
+                router.weight = nn.Parameter(child.weight[index].clone(), child.weight.requires_grad)
                 if child.bias is not None:
-                    router.bias.copy_(child.bias[index])
+                    router.bias = nn.Parameter(child.bias[index].clone(), child.bias.requires_grad)
+                router.out_features = len(keep)
+                setattr(new, name, router)
             else:
                 setattr(new, name, copy.deepcopy(child))
-    return new
+        for name, value in layer.named_parameters(recurse=False):
+            setattr(new, name, nn.Parameter(value.detach().clone(), value.requires_grad))
+        for name, value in layer.named_buffers(recurse=False):
+            new.register_buffer(name, value.clone())
+    return new.train(layer.training)
 
 
 def _reconstruction_error(layer, candidate, x, reference) -> float:
@@ -210,3 +201,70 @@ def prune_model_experts(model: nn.Module, calibration: torch.Tensor, num_keep: i
             return pruned
         replace_module(model, name, pruned)
     return model
+
+
+@register_stage(r"prune-experts=(?P<fraction>[^:]+)(?::(?P<score>[a-z_]+))?", "prune-experts=F[:score]")
+@dataclass
+class ExpertPrune(Stage):
+    """Remove ``fraction`` of each MoE layer's experts (at least one stays), chosen by
+    ``score`` on the calibration data: one of :data:`EXPERT_SCORES`."""
+
+    fraction: float
+    score: str = "frequency"
+
+    def __post_init__(self):
+        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) \
+                or not 0 <= self.fraction < 1:
+            raise ValueError(f"fraction must be a number in [0, 1), got {self.fraction!r}")
+        if self.score not in EXPERT_SCORES:
+            raise ValueError(f"score must be one of {EXPERT_SCORES}, got {self.score!r}")
+
+    @property
+    def name(self) -> str:
+        return f"prune {self.fraction:.0%} of experts ({self.score})"
+
+    @property
+    def recipe(self) -> str:
+        return f"prune-experts={self.fraction:g}" + ("" if self.score == "frequency" else f":{self.score}")
+
+    @classmethod
+    def from_recipe(cls, item: str, fraction: str, score: str = "frequency") -> ExpertPrune:
+        if score not in EXPERT_SCORES:
+            raise ValueError(f"recipe item {item!r}: the score must be one of {EXPERT_SCORES}")
+        return cls(number(item, fraction, what="the fraction", low=0, high=1, high_open=True), score)
+
+    def apply(self, model: nn.Module, calibration: torch.Tensor) -> nn.Module:
+        experts = moe_layers(model)[0][1].num_experts
+        keep = max(1, round(experts * (1 - self.fraction)))
+        return prune_model_experts(model, calibration, keep, self.score)
+
+
+@register_stage(r"sparsity=(?P<sparsity>.+)", "sparsity=F")
+@dataclass
+class MagnitudePrune(Stage):
+    """Zero ``sparsity`` of the MoE weights by magnitude; store them sparsely if ``sparse_storage``."""
+
+    sparsity: float
+    scope: str = "layer"
+    sparse_storage: bool = True
+
+    def __post_init__(self):
+        _check_sparsity(self.sparsity)
+        if self.scope not in ("layer", "global"):
+            raise ValueError(f"scope must be 'layer' or 'global', got {self.scope!r}")
+
+    @property
+    def name(self) -> str:
+        return f"magnitude prune {self.sparsity:.0%}" + (" + sparse storage" if self.sparse_storage else "")
+
+    @property
+    def recipe(self) -> str:
+        return f"sparsity={self.sparsity:g}"
+
+    @classmethod
+    def from_recipe(cls, item: str, sparsity: str) -> MagnitudePrune:
+        return cls(number(item, sparsity, what="the sparsity", low=0, high=1, high_open=True))
+
+    def apply(self, model: nn.Module, calibration: torch.Tensor) -> nn.Module:
+        magnitude_prune(model, self.sparsity, scope=self.scope)
+        return to_sparse(model) if self.sparse_storage else model

@@ -15,18 +15,21 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe_lab._checks import factor_sizes, last_dim, positive_int
+from moe_lab._checks import last_dim, positive_int
 from moe_lab.compress.prune import expert_usage
-from moe_lab.compress.targets import MOE_TYPES, experts_name, input_size, router_names
+from moe_lab.compress.registry import Stage, number, register_stage
+from moe_lab.compress.targets import check_mixture, layer_inputs, moe_layers, replace_module
+from moe_lab.layers.compact.base_delta import BaseDeltaLinear
 
 
 def _experts(layer: nn.Module, linear_only: bool = False) -> tuple[str, nn.ModuleList]:
-    name = experts_name(layer)
+    name = layer.EXPERTS
     experts = getattr(layer, name)
     kinds = {tuple(type(m) for m in e.modules()) for e in experts}
     if len(kinds) != 1 or not all(isinstance(m, (nn.Linear, nn.ModuleList)) or not list(m.parameters(False))
@@ -38,23 +41,18 @@ def _experts(layer: nn.Module, linear_only: bool = False) -> tuple[str, nn.Modul
     return name, experts
 
 
-def _expert_inputs(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return layer.shared_layer(x) if hasattr(layer, "shared_layer") else x
-
-
 def group_experts(layer: nn.Module, x: torch.Tensor, num_groups: int) -> list[list[int]]:
     """Cluster the experts into ``num_groups`` groups by the cosine similarity of their
     outputs on calibration inputs ``x`` ``(n, d)`` (average linkage, merging the most
     similar pair of groups until ``num_groups`` remain). Groups are sorted lists."""
-    if not isinstance(layer, MOE_TYPES):
-        raise TypeError(f"layer must be a mixture layer, got {type(layer).__name__}")
-    last_dim("x", x, input_size(layer))
+    check_mixture(layer)
+    last_dim("x", x, layer.input_size)
     positive_int("num_groups", num_groups)
     _, experts = _experts(layer)
     if num_groups > len(experts):
         raise ValueError(f"num_groups must be <= num_experts ({len(experts)}), got {num_groups}")
     with torch.no_grad():
-        inputs = _expert_inputs(layer, x.reshape(-1, x.shape[-1]))
+        inputs = layer.expert_input(x.reshape(-1, x.shape[-1]))
         outputs = torch.stack([F.normalize(e(inputs).reshape(-1), dim=0) for e in experts])
     similarity = outputs @ outputs.T
     groups = [[e] for e in range(len(experts))]
@@ -83,52 +81,39 @@ def merge_experts(layer: nn.Module, x: torch.Tensor, num_groups: int,
     config = {**layer.config, "num_experts": len(groups)}
     if "k" in config:
         config["k"] = min(config["k"], len(groups))
-    new = type(layer)(**config)
-    routers = [r for r in router_names(layer) if hasattr(layer, r)
+    routers = [r for r in layer.ROUTERS if isinstance(getattr(layer, r, None), nn.Linear)
                and getattr(layer, r).out_features == layer.num_experts]
+    with torch.device("meta"):  # the structure only: every tensor is set from the old layer below
+        new = type(layer)(**config)
     with torch.no_grad():
         for child_name, child in layer.named_children():
-            if child_name != name and child_name not in routers:
+            if child_name != name:
                 setattr(new, child_name, copy.deepcopy(child))
-        for g, members in enumerate(groups):
+        merged_experts = []
+        for members in groups:
             weights = usage[members] / usage[members].sum()
             states = [experts[e].state_dict() for e in members]
-            getattr(new, name)[g].load_state_dict({key: sum(w * s[key] for w, s in zip(weights, states))
-                                                   for key in states[0]})
-            for router in routers:
-                    old, merged = getattr(layer, router), getattr(new, router)
-                    merged.weight[g] = sum(w * old.weight[e] for w, e in zip(weights, members))
-                    if old.bias is not None:
-                        merged.bias[g] = sum(w * old.bias[e] for w, e in zip(weights, members)) \
-                            + math.log(len(members))
+            expert = copy.deepcopy(experts[members[0]])
+            expert.load_state_dict({key: sum(w.to(s[key].dtype) * s[key] for w, s in zip(weights, states))
+                                    for key in states[0]})
+            merged_experts.append(expert)
+        setattr(new, name, nn.ModuleList(merged_experts))
+        for router in routers:
+            old, merged = getattr(layer, router), getattr(new, router)
+            rows, biases = [], []
+            for members in groups:
+                weights = (usage[members] / usage[members].sum()).to(old.weight.dtype)
+                rows.append(sum(w * old.weight[e] for w, e in zip(weights, members)))
+                if old.bias is not None:
+                    mixed = sum(w * old.bias[e] for w, e in zip(weights, members))
+                    biases.append(mixed + math.log(len(members)))
+            merged.weight = nn.Parameter(torch.stack(rows), old.weight.requires_grad)
+            if old.bias is not None:
+                merged.bias = nn.Parameter(torch.stack(biases), old.bias.requires_grad)
+            merged.out_features = len(groups)
+        for param_name, value in layer.named_parameters(recurse=False):
+            setattr(new, param_name, nn.Parameter(value.detach().clone(), value.requires_grad))
     return new
-
-
-class BaseDeltaLinear(nn.Module):
-    """``y = x (W_base + B A)^T + b``: a shared base weight plus a rank-``r`` delta.
-
-    ``base`` is a parameter that several experts hold (the same tensor, stored once);
-    ``delta_in`` is ``A`` ``(rank, in)`` and ``delta_out`` is ``B`` ``(out, rank)``.
-    Shapes: ``x`` is ``(..., in_features)``; the result is ``(..., out_features)``.
-    """
-
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True):
-        super().__init__()
-        factor_sizes(in_features, out_features, rank)
-        self.config = dict(in_features=in_features, out_features=out_features, rank=rank, bias=bias)
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.base = nn.Parameter(torch.zeros(out_features, in_features))
-        self.delta_in = nn.Parameter(torch.zeros(rank, in_features))
-        self.delta_out = nn.Parameter(torch.zeros(out_features, rank))
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base + self.delta_out @ self.delta_in
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        last_dim("x", x, self.in_features)
-        return F.linear(x, self.base, self.bias) + F.linear(F.linear(x, self.delta_in), self.delta_out)
 
 
 def base_delta_experts(layer: nn.Module, rank: int, x: torch.Tensor | None = None) -> nn.Module:
@@ -153,3 +138,35 @@ def base_delta_experts(layer: nn.Module, rank: int, x: torch.Tensor | None = Non
             new.append(delta)
     setattr(layer, name, nn.ModuleList(new))
     return layer
+
+
+@register_stage(r"merge=(?P<groups>.+)", "merge=N")
+@dataclass
+class MergeExperts(Stage):
+    """Merge each MoE layer's experts into ``num_groups`` by output similarity."""
+
+    num_groups: int
+
+    def __post_init__(self):
+        positive_int("num_groups", self.num_groups)
+
+    @property
+    def name(self) -> str:
+        return f"merge experts into {self.num_groups}"
+
+    @property
+    def recipe(self) -> str:
+        return f"merge={self.num_groups}"
+
+    @classmethod
+    def from_recipe(cls, item: str, groups: str) -> MergeExperts:
+        return cls(number(item, groups, int, what="the number of experts", low=1))
+
+    def apply(self, model: nn.Module, calibration: torch.Tensor) -> nn.Module:
+        for name, layer in moe_layers(model):
+            x = calibration if not name else layer_inputs(model, layer, calibration)
+            merged = merge_experts(layer, x, self.num_groups)
+            if not name:
+                return merged
+            replace_module(model, name, merged)
+        return model

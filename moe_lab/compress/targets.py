@@ -1,4 +1,4 @@
-"""Finding what to compress: the MoE layers of a model, their weight matrices, their inputs."""
+"""Finding what to compress: the mixture layers of a model, their weight matrices, their inputs."""
 
 from __future__ import annotations
 
@@ -7,32 +7,16 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 
-from moe_lab.soft_moe import SharedTrunkMoE, SoftMoE
-from moe_lab.swiglu_moe import SwiGLUMoE
-from moe_lab.topk_moe import TopKMoE
+from moe_lab.layers.base import MixtureLayer, mixture_layers
 
-MOE_TYPES = (SoftMoE, TopKMoE, SharedTrunkMoE, SwiGLUMoE)
-ROUTER_NAMES = ("gating", "noise_gating", "gate", "shared_expert_gate")
+moe_layers = mixture_layers  # ``(name, layer)`` for every mixture layer in a model
 
 
-def router_names(layer: nn.Module) -> tuple[str, ...]:
-    """Names of a mixture layer's routing linears (one row per expert)."""
-    return getattr(layer, "ROUTERS", ("gating", "noise_gating"))
-
-
-def experts_name(layer: nn.Module) -> str:
-    """Attribute holding a mixture layer's experts (``expert_layers`` for SharedTrunkMoE)."""
-    return "expert_layers" if hasattr(layer, "expert_layers") else "experts"
-
-
-def input_size(layer: nn.Module) -> int:
-    """Width of a mixture layer's input."""
-    return layer.config.get("input_size", layer.config.get("hidden_size"))
-
-
-def moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name, layer)`` for every mixture layer in ``model`` (the model itself included)."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, MOE_TYPES)]
+def check_mixture(layer) -> MixtureLayer:
+    """``layer`` if it is a mixture layer, else a ``TypeError`` naming what it is."""
+    if not isinstance(layer, MixtureLayer):
+        raise TypeError(f"layer must be a mixture layer (moe_lab.MixtureLayer), got {type(layer).__name__}")
+    return layer
 
 
 def expert_linears(model: nn.Module, include_router: bool = False) -> Iterator[tuple[str, nn.Linear]]:
@@ -47,7 +31,7 @@ def expert_linears(model: nn.Module, include_router: bool = False) -> Iterator[t
         for name, module in layer.named_modules():
             if not isinstance(module, nn.Linear):
                 continue
-            if not include_router and name.split(".")[0] in ROUTER_NAMES:
+            if not include_router and name.split(".")[0] in layer.routing_modules:
                 continue
             yield (f"{prefix}.{name}" if prefix else name), module
 

@@ -60,3 +60,28 @@ def make_clustered_task(n_train: int = 4000, n_test: int = 1000, *, num_clusters
     x_train, y_train, c_train = sample(n_train)
     x_test, y_test, c_test = sample(n_test)
     return ClusteredTask(x_train, y_train, c_train, x_test, y_test, c_test, num_clusters, num_classes)
+
+
+def group_into_sequences(x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, tokens: int,
+                         seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Arrange examples into sequences of ``tokens`` examples of the same group, for a per-token task.
+
+    ``x`` ``(N, d)``, ``y`` ``(N,)`` and ``groups`` ``(N,)`` (e.g. the cluster ids of
+    :func:`moe_lab.data.make_clustered_task`). Within each group the examples are cut into
+    full sequences (a group's remainder is dropped); the sequences are then shuffled with
+    ``seed``. Returns ``(xs (M, tokens, d), ys (M, tokens))``.
+    """
+    positive_int("tokens", tokens)
+    if not (len(x) == len(y) == len(groups)):
+        raise ValueError(f"x, y and groups must have the same length, got {len(x)}, {len(y)}, {len(groups)}")
+    xs, ys = [], []
+    for g in torch.unique(groups):
+        members = torch.nonzero(groups == g).squeeze(1)
+        members = members[:len(members) // tokens * tokens]
+        xs.append(x[members].reshape(-1, tokens, *x.shape[1:]))
+        ys.append(y[members].reshape(-1, tokens))
+    xs, ys = torch.cat(xs), torch.cat(ys)
+    if len(xs) == 0:
+        raise ValueError(f"no group has {tokens} examples: no full sequence can be made")
+    order = torch.randperm(len(xs), generator=torch.Generator().manual_seed(seed))
+    return xs[order], ys[order]

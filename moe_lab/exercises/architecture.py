@@ -7,8 +7,8 @@ import math
 import torch
 
 from moe_lab.exercises._feedback import NO_ANSWER, call
+from moe_lab.layers.dense import DenseMoE
 from moe_lab.measure import param_count
-from moe_lab.soft_moe import SoftMoE
 
 HINT = ("Hint: count weights and biases. Each expert is Linear(input_size -> expert_size): "
         "input_size * expert_size + expert_size numbers. The router is Linear(input_size -> num_experts) "
@@ -19,9 +19,9 @@ CASES = [(4, 16, 32, 4), (8, 64, 256, 64), (1, 3, 2, 5), (16, 128, 512, 128)]
 
 
 def true_expert_share(num_experts: int, input_size: int, expert_size: int, output_size: int) -> float:
-    """Fraction of a :class:`moe_lab.SoftMoE`'s parameters that sit in its experts (built and counted)."""
+    """Fraction of a :class:`moe_lab.DenseMoE`'s parameters that sit in its experts (built and counted)."""
     with torch.random.fork_rng(devices=[]):  # building a layer must not move the learner's seed
-        layer = SoftMoE(num_experts, input_size, expert_size, output_size)
+        layer = DenseMoE(num_experts, input_size, expert_size, output_size)
     experts = sum(p.numel() for p in layer.experts.parameters())
     return experts / param_count(layer)
 
@@ -29,7 +29,7 @@ def true_expert_share(num_experts: int, input_size: int, expert_size: int, outpu
 def check_expert_share(fn) -> bool:
     """Check ``fn(num_experts, input_size, expert_size, output_size) -> float`` against real layers.
 
-    The answer must be the fraction (0..1) of a :class:`moe_lab.SoftMoE`'s parameters in its
+    The answer must be the fraction (0..1) of a :class:`moe_lab.DenseMoE`'s parameters in its
     experts, within 1e-6, for several sizes. Prints a hint for ``None`` (or a function that
     returns ``None``); returns ``True`` only if every case matches. Never raises on a wrong answer.
     """
@@ -62,5 +62,5 @@ def check_expert_share(fn) -> bool:
                   f"{got:.6f} but the experts hold {want:.6f} of the parameters. "
                   "Did you count the biases, the router and the output projection?")
             return False
-    print("Correct: your formula matches the parameter counts of real SoftMoE layers.")
+    print("Correct: your formula matches the parameter counts of real DenseMoE layers.")
     return True

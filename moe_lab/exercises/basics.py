@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from moe_lab.exercises._feedback import NO_ANSWER, call, ready
-from moe_lab.soft_moe import SoftMoE
+from moe_lab.layers.dense import DenseMoE
 
 HINT = ("Hint: for one token x of shape (d,): gates = softmax(layer.gating(x)) has shape (E,); "
         "mix the experts' outputs, sum_e gates[e] * layer.experts[e](x), shape (h,); "
@@ -18,7 +18,7 @@ def _cases():
     cases = []
     for sizes in [(3, 5, 4, 2), (4, 6, 3, 5)]:
         with torch.random.fork_rng(devices=[]):  # layer init must not move the learner's seed
-            layer = SoftMoE(*sizes)
+            layer = DenseMoE(*sizes)
         with torch.no_grad():
             for p in layer.parameters():
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
@@ -27,7 +27,7 @@ def _cases():
 
 
 def check_mix_one_token(fn) -> bool:
-    """Check ``fn(layer, x) -> (o,)``: a :class:`moe_lab.SoftMoE`'s output for one token ``x`` (d,).
+    """Check ``fn(layer, x) -> (o,)``: a :class:`moe_lab.DenseMoE`'s output for one token ``x`` (d,).
 
     Compares ``fn`` with ``layer(x)`` on a few seeded layers and tokens. Prints a hint for
     ``None`` (or a function that returns ``None``) and feedback for a wrong answer; returns
@@ -52,9 +52,9 @@ def check_mix_one_token(fn) -> bool:
                     return False
                 if not torch.allclose(got.float(), want, atol=1e-5, rtol=1e-4):
                     gap = float((got.float() - want).abs().max())
-                    print(f"Values differ from SoftMoE by up to {gap:.3g}. Check that the gates are a "
+                    print(f"Values differ from DenseMoE by up to {gap:.3g}. Check that the gates are a "
                           "softmax over the experts (dim=-1), that each expert output is scaled by its own "
                           "gate, and that layer.output is applied after the sum.")
                     return False
-    print("Correct: your one-token mixture matches moe_lab.SoftMoE.")
+    print("Correct: your one-token mixture matches moe_lab.DenseMoE.")
     return True

@@ -1,7 +1,7 @@
 """Checkers for notebook 06 (conditional computation): grouping tokens by expert, FLOPs per token.
 
 ``check_group_by_expert`` runs the learner's grouping function on a few routings and compares
-it with :func:`moe_lab.routing.plan_dispatch`; ``check_topk_flops`` compares a predicted FLOP
+it with :func:`moe_lab.layers.routing.plan_dispatch`; ``check_topk_flops`` compares a predicted FLOP
 count with the formula for :class:`moe_lab.TopKMoE`. Both print feedback and return a bool;
 ``None`` (not answered yet) prints a hint and returns ``False``.
 """
@@ -13,7 +13,7 @@ import math
 import torch
 
 from moe_lab._checks import positive_int
-from moe_lab.routing import plan_dispatch
+from moe_lab.layers.routing import plan_dispatch
 
 _GROUP_HINT = ("Hint: flatten the (n, k) indices into n*k assignments, remember which token each came "
                "from (torch.arange(n).repeat_interleave(k) for a row-major flatten), sort the "
@@ -55,7 +55,7 @@ def check_group_by_expert(answer) -> bool:
     ``n * k`` (token, expert) assignments' tokens, expert 0's first, then expert 1's, ...;
     ``counts`` (length ``num_experts``) how many assignments each expert got. Any order of
     the tokens *within* one expert's group is accepted. Compared with
-    :func:`moe_lab.routing.plan_dispatch` on several routings (empty experts included).
+    :func:`moe_lab.layers.routing.plan_dispatch` on several routings (empty experts included).
     """
     if answer is None:
         print("Not answered yet. " + _GROUP_HINT)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from moe_lab.evaluate import wilson_interval
 from moe_lab.exercises._feedback import NO_ANSWER, call, ready
+from moe_lab.stats import wilson_interval
 
 HINT = ("Hint: with p = successes / n and z = 1.96 (95%), the Wilson interval is centre +- half where "
         "centre = (p + z**2 / (2n)) / (1 + z**2 / n) and "

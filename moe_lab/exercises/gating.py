@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from moe_lab.exercises._feedback import ready
-from moe_lab.routing import load_balancing_loss, top_k_routing
+from moe_lab.layers.routing import load_balancing_loss, top_k_routing
 
 HINT = ("Hint: f_i = (assignments to expert i) / (n * k), counted with torch.bincount on "
         "indices.reshape(-1); P_i = probs.mean(dim=0)[i]; return E * sum_i f_i * P_i.")
@@ -30,7 +30,7 @@ def _cases() -> list[tuple[str, torch.Tensor, torch.Tensor]]:
 
 
 def check_balance_loss(fn) -> bool:
-    """Check ``fn(probs, indices) -> scalar tensor`` against :func:`moe_lab.routing.load_balancing_loss`.
+    """Check ``fn(probs, indices) -> scalar`` against :func:`moe_lab.layers.routing.load_balancing_loss`.
 
     ``probs`` is ``(n, E)`` (softmax over all experts), ``indices`` is ``(n, k)``. Prints which
     case differs; returns ``True`` only if every case matches to 1e-5.
@@ -49,6 +49,6 @@ def check_balance_loss(fn) -> bool:
             print(f"{name}: got {got:.5f}, expected {expected:.5f}. Check f_i sums to 1 over experts "
                   "(divide by n * k) and the factor E.")
             return False
-    print("Correct: your loss matches moe_lab.routing.load_balancing_loss on every case "
+    print("Correct: your loss matches moe_lab.layers.routing.load_balancing_loss on every case "
           "(1.0 when uniform, E when collapsed).")
     return True

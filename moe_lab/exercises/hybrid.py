@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from moe_lab.compress.lowrank import low_rank_from_linear
-from moe_lab.compress.quantize import QuantizedLinear
+from moe_lab.layers.compact import QuantizedLinear
 from moe_lab.exercises._feedback import NO_ANSWER, call, ready
 
 HINT = ("Hint: a low-rank expert is two matrices, down (rank, in) without bias and up (out, rank) with an "

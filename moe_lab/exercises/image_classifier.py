@@ -15,7 +15,7 @@ HINT = ("Hint: for every class c, take the rows of probs whose label is c and av
 def class_expert_share(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Mean gate probability per (class, expert): a ``(num_classes, E)`` float tensor.
 
-    ``probs`` is ``(N, E)`` (each row a distribution over experts, e.g. ``SoftMoE.gate_probs``),
+    ``probs`` is ``(N, E)`` (each row a distribution over experts, e.g. ``DenseMoE.gate_probs``),
     ``labels`` is ``(N,)`` integer classes in ``[0, num_classes)``; every class must occur.
     Row ``c`` is the average routing of the class-``c`` examples, so rows sum to one
     (the same numbers as :func:`moe_lab.viz.routing_matrix` for a dense layer).

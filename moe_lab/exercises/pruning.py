@@ -9,8 +9,8 @@ import torch.nn as nn
 
 from moe_lab.compress.prune import prune_experts
 from moe_lab.exercises._feedback import ready
-from moe_lab.soft_moe import SoftMoE
-from moe_lab.topk_moe import TopKMoE
+from moe_lab.layers.dense import DenseMoE
+from moe_lab.layers.topk import TopKMoE
 
 HINT = ("Hint: keep = [i for i in range(layer.num_experts) if i != e]. Build the new layer from a copy: "
         "experts = nn.ModuleList of the kept experts, a new gating nn.Linear(d, len(keep)) whose weight and "
@@ -25,7 +25,7 @@ def _cases() -> list[tuple[str, nn.Module, int]]:
         return [("TopKMoE(E=6, k=2), remove expert 0", TopKMoE(6, 8, 12, 3, k=2), 0),
                 ("TopKMoE(E=6, k=2), remove expert 5 (the last)", TopKMoE(6, 8, 12, 3, k=2), 5),
                 ("TopKMoE(E=4, k=1), remove expert 2", TopKMoE(4, 8, 12, 3, k=1), 2),
-                ("SoftMoE(E=5), remove expert 3", SoftMoE(5, 8, 12, 3), 3)]
+                ("DenseMoE(E=5), remove expert 3", DenseMoE(5, 8, 12, 3), 3)]
 
 
 def _check_case(fn, name: str, layer: nn.Module, e: int, x: torch.Tensor) -> bool:
@@ -75,7 +75,7 @@ def _check_case(fn, name: str, layer: nn.Module, e: int, x: torch.Tensor) -> boo
 def check_remove_expert(fn) -> bool:
     """Check ``fn(layer, e) -> new layer`` without expert ``e`` and without its router row.
 
-    Compared on several ``TopKMoE`` and ``SoftMoE`` layers with
+    Compared on several ``TopKMoE`` and ``DenseMoE`` layers with
     :func:`moe_lab.compress.prune.prune_experts`: the number of experts, the router's shape,
     that the given layer is left unchanged, and the outputs (to 1e-5). Prints what differs;
     returns ``True`` only if every case matches.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_lab.compress.quantize import dequantize_tensor, quantize_tensor
+from moe_lab.layers.compact.quantized import dequantize_tensor, quantize_tensor
 from moe_lab.exercises._feedback import ready
 
 HINT = ("Hint: for a weight (out, in), each output row r gets its own scale s_r = max_j |W[r, j]| / 127 "

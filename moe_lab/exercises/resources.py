@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_lab.slot_moe import SlotSoftMoE
+from moe_lab.layers.slot import SlotSoftMoE
 
 
 def _cases() -> list[tuple[str, SlotSoftMoE, torch.Tensor]]:
@@ -24,7 +24,7 @@ def _cases() -> list[tuple[str, SlotSoftMoE, torch.Tensor]]:
 
 def check_soft_moe_weights(fn) -> bool:
     """Check ``fn(x (B, T, d), phi (d, n)) -> (dispatch, combine)``, both ``(B, T, n)``, against
-    :meth:`moe_lab.slot_moe.SlotSoftMoE.routing_weights`.
+    :meth:`moe_lab.layers.slot.SlotSoftMoE.routing_weights`.
 
     Prints what is wrong in the first case that differs; returns ``True`` only if every case
     matches to 1e-5.

@@ -6,17 +6,17 @@ import torch
 
 from moe_lab.compress.prune import expert_usage
 from moe_lab.compress.share import merge_experts
-from moe_lab.soft_moe import SoftMoE
+from moe_lab.layers.dense import DenseMoE
 
 
-def _cases() -> list[tuple[str, SoftMoE, torch.Tensor, list[list[int]]]]:
+def _cases() -> list[tuple[str, DenseMoE, torch.Tensor, list[list[int]]]]:
     """``(name, layer, calibration inputs (n, d), groups)`` cases, from fixed seeds."""
     generator = torch.Generator().manual_seed(7)
     cases = []
     for name, experts, groups in [("4 experts, groups [[0, 2], [1, 3]]", 4, [[0, 2], [1, 3]]),
                                   ("6 experts, groups of 3, 1 and 2", 6, [[0, 1, 2], [3], [4, 5]]),
                                   ("5 experts, one group of all", 5, [[0, 1, 2, 3, 4]])]:
-        layer = SoftMoE(experts, 8, 6, 3)
+        layer = DenseMoE(experts, 8, 6, 3)
         with torch.no_grad():  # fixed weights (global RNG untouched); biases spread usage unevenly
             for parameter in layer.parameters():
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moe_lab.evaluate import pareto_front
+from moe_lab.evaluation import pareto_front
 from moe_lab.exercises._feedback import NO_ANSWER, call, ready
 
 HINT = ("Hint: point i is on the frontier unless some other point j is at least as small "

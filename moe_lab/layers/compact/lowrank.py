@@ -6,9 +6,12 @@ import torch
 import torch.nn as nn
 
 from moe_lab._checks import factor_sizes, last_dim
+from moe_lab.layers.compact.base import CompactLinear
+from moe_lab.layers.registry import register_layer
 
 
-class LowRankLinear(nn.Module):
+@register_layer
+class LowRankLinear(CompactLinear):
     """``y = V(U(x))`` with ``U: in -> rank`` (no bias) and ``V: rank -> out``.
 
     Stores ``rank * (in + out) + out`` numbers instead of ``in * out + out``, so it is smaller

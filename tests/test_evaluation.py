@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
-from moe_lab import LanguageModelMoE, SoftMoE, TopKMoE, model_bytes
+from moe_lab import DenseMoE, LanguageModelMoE, TopKMoE, model_bytes
 from moe_lab.compress import quantize_experts
-from moe_lab.evaluate import mean_interval, pareto_front, report, wilson_interval
+from moe_lab.evaluation import pareto_front, report
+from moe_lab.stats import mean_interval, wilson_interval
 
 
 def test_wilson_interval_matches_known_values():
@@ -33,7 +34,7 @@ def test_report_for_classifiers():
     x, y = torch.randn(300, 64), torch.randint(0, 3, (300,))
     topk = TopKMoE(4, 64, 128, 3, k=1)
     quantized = quantize_experts(copy.deepcopy(topk), 8)
-    table = report({"float": topk, "int8": quantized, "dense": SoftMoE(4, 64, 128, 3)}, (x, y))
+    table = report({"float": topk, "int8": quantized, "dense": DenseMoE(4, 64, 128, 3)}, (x, y))
     assert list(table.index) == ["float", "int8", "dense"]
     row = table.loc["float"]
     assert row["metric"] == "accuracy" and row["ci_low"] <= row["value"] <= row["ci_high"] and row["n"] == 300
@@ -67,14 +68,14 @@ def test_bad_arguments():
     with pytest.raises(TypeError, match="non-empty dict"):
         report([], (torch.zeros(2, 3), torch.zeros(2)))
     with pytest.raises(ValueError, match="task must be one of"):
-        report({"m": SoftMoE(2, 3, 4, 2)}, (torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)), task="x")
+        report({"m": DenseMoE(2, 3, 4, 2)}, (torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)), task="x")
 
 
-def test_moe_lab_evaluate_is_both_the_function_and_the_module():
+def test_moe_lab_evaluate_is_the_function_and_report_lives_in_evaluation():
     import moe_lab
-    import moe_lab.evaluate as module
+    import moe_lab.evaluation
 
     x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
-    model = SoftMoE(2, 4, 4, 3)
-    assert moe_lab.evaluate is module and callable(module) and module.report is report
-    assert moe_lab.evaluate(model, (x, y)) == moe_lab.training.evaluate(model, (x, y))
+    model = DenseMoE(2, 4, 4, 3)
+    assert moe_lab.evaluate is moe_lab.training.evaluate and moe_lab.evaluation.report is report
+    assert moe_lab.evaluate(model, (x, y))["accuracy"] == moe_lab.training.evaluate(model, (x, y))["accuracy"]

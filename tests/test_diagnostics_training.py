@@ -2,9 +2,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from moe_lab import SoftMoE, TopKMoE
+from moe_lab import DenseMoE, TopKMoE
 from moe_lab.data.synthetic import make_clustered_task
-from moe_lab.experiments import measure_shares, train_recording_shares
+from moe_lab.diagnostics import measure_shares, train_recording_shares
 
 
 def test_records_one_row_per_epoch_plus_init():
@@ -32,7 +32,7 @@ def test_measure_shares_counts_routing_in_eval_mode_and_restores_mode():
 
 def test_rejects_models_without_one_topk_layer_and_bad_args():
     task = make_clustered_task(50, 10, seed=0)
-    with pytest.raises(ValueError, match="TopKMoE"):
-        train_recording_shares(SoftMoE(2, 16, 4, 4), task.train, epochs=1, lr=1e-3, batch_size=8)
+    with pytest.raises(ValueError, match="exactly one mixture layer"):
+        train_recording_shares(torch.nn.Linear(16, 4), task.train, epochs=1, lr=1e-3, batch_size=8)
     with pytest.raises(ValueError, match="epochs"):
         train_recording_shares(TopKMoE(2, 16, 4, 4, k=1), task.train, epochs=0, lr=1e-3, batch_size=8)

@@ -15,8 +15,11 @@ import torch
 import torch.nn as nn
 
 from moe_lab._checks import last_dim, positive_int
-from moe_lab.activations import get_activation
-from moe_lab.routing import Routing, load_balancing_loss, plan_dispatch, router_z_loss, top_k_routing
+from moe_lab.layers.activations import get_activation
+from moe_lab.layers.base import MixtureLayer
+from moe_lab.layers.dispatch import routed_mixture
+from moe_lab.layers.registry import register_layer
+from moe_lab.layers.routing import Routing, load_balancing_loss, plan_dispatch, router_z_loss, top_k_routing
 
 
 class SwiGLUExpert(nn.Module):
@@ -37,7 +40,8 @@ class SwiGLUExpert(nn.Module):
         return self.down_proj(self._act(gate) * up)
 
 
-class SwiGLUMoE(nn.Module):
+@register_layer
+class SwiGLUMoE(MixtureLayer):
     """Top-k routed SwiGLU experts, optionally with a gated shared expert (Qwen2-MoE).
 
     Args:
@@ -55,6 +59,8 @@ class SwiGLUMoE(nn.Module):
     """
 
     ROUTERS = ("gate",)
+    GATES = ("shared_expert_gate",)
+    INPUT = "hidden_size"
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, k: int = 2, *,
                  normalize: bool = True, activation: str = "silu", shared_expert_size: int | None = None):
@@ -75,8 +81,6 @@ class SwiGLUMoE(nn.Module):
         if shared_expert_size is not None:
             self.shared_expert = SwiGLUExpert(hidden_size, shared_expert_size, activation)
             self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
-        self.tokens_per_expert = self.dropped_tokens = self.last_routing = None
-        self.load_balancing_loss = self.router_z_loss = self.aux_loss = None
 
     def route(self, x: torch.Tensor) -> Routing:
         """Routing for ``x`` ``(..., H)`` flattened to ``n`` tokens (softmax in float32)."""
@@ -91,24 +95,10 @@ class SwiGLUMoE(nn.Module):
         routing = self.route(x)
         flat = x.reshape(-1, x.shape[-1])
         plan = plan_dispatch(routing.indices, routing.gates, self.num_experts)
-        routed = flat.index_select(0, plan.token_index)  # (m, H), expert 0's tokens first
-        out = torch.zeros_like(flat)
-        blocks = zip(self.experts, routed.split(plan.counts), plan.token_index.split(plan.counts),
-                     plan.gate.split(plan.counts))
-        for expert, chunk, tokens, gates in blocks:
-            if len(tokens):  # one expert's block at a time: small temporaries stay in cache
-                out.index_add_(0, tokens, expert(chunk) * gates.unsqueeze(1))
+        out = routed_mixture(flat, plan, self.experts, self.config["hidden_size"])
         if self.config["shared_expert_size"] is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
-        self.tokens_per_expert, self.dropped_tokens = plan.tokens_per_expert, 0
+        self._record(routing, plan.tokens_per_expert)
         self.load_balancing_loss = load_balancing_loss(routing.probs, routing.indices)
         self.router_z_loss = router_z_loss(routing.logits)
-        self.last_routing = Routing(*(t.detach() for t in (routing.logits, routing.probs, routing.gates,
-                                                            routing.indices)))
         return out.reshape(x.shape)
-
-    def __getstate__(self):
-        state = super().__getstate__().copy()
-        for name in ("load_balancing_loss", "router_z_loss", "last_routing"):
-            state[name] = None
-        return state

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from moe_lab import SoftMoE
+from moe_lab import DenseMoE
 from moe_lab.compress.prune import magnitude_prune
-from moe_lab.curves import sweep
+from moe_lab.sweeps import sweep
 
 
 def nonzero_fraction(model):
@@ -15,7 +15,7 @@ def nonzero_fraction(model):
 
 
 def test_each_setting_gets_a_fresh_model_and_a_record():
-    base = SoftMoE(2, 8, 16, 4)
+    base = DenseMoE(2, 8, 16, 4)
     records = sweep(lambda: copy.deepcopy(base), [0.0, 0.5, 0.75],
                     lambda m, s: magnitude_prune(m, s), nonzero_fraction)
     assert [r["setting"] for r in records] == [0.0, 0.5, 0.75]

@@ -1,7 +1,7 @@
 """Soft MoE with slots (Puigcerver et al. 2023, "From Sparse to Soft Mixtures of Experts").
 
 A sparse top-k layer makes a hard, discrete choice per token (and may drop tokens when an
-expert is full); :class:`moe_lab.SoftMoE` runs every expert on every token. Soft MoE sits in
+expert is full); :class:`moe_lab.DenseMoE` runs every expert on every token. Soft MoE sits in
 between: each expert owns ``slots_per_expert`` *slots*; every slot is a weighted average of
 the tokens of one sequence (dispatch weights: a softmax over the tokens), each expert runs
 only on its slots, and every token takes a weighted average of all slot outputs (combine
@@ -21,10 +21,14 @@ import torch
 import torch.nn as nn
 
 from moe_lab._checks import last_dim, positive_int
-from moe_lab.activations import get_activation
+from moe_lab.layers.activations import get_activation
+from moe_lab.layers.base import MixtureLayer, dense_routing
+from moe_lab.layers.registry import register_layer
+from moe_lab.layers.routing import Routing
 
 
-class SlotSoftMoE(nn.Module):
+@register_layer
+class SlotSoftMoE(MixtureLayer):
     """Soft MoE layer over sequences: tokens -> slots -> experts -> tokens.
 
     Args:
@@ -47,6 +51,9 @@ class SlotSoftMoE(nn.Module):
     this small layer leaves that out.
     """
 
+    ROUTERS = ("phi",)  # a (d, E * S) parameter, not a linear: one column per slot
+    DENSE = True
+
     def __init__(self, num_experts: int, slots_per_expert: int, input_size: int, expert_size: int,
                  output_size: int, *, activation: str | None = None):
         super().__init__()
@@ -58,7 +65,7 @@ class SlotSoftMoE(nn.Module):
         self.config = dict(num_experts=num_experts, slots_per_expert=slots_per_expert,
                            input_size=input_size, expert_size=expert_size, output_size=output_size,
                            activation=activation)
-        self.num_experts = num_experts
+        self.num_experts = self.k = num_experts
         self.slots_per_expert = slots_per_expert
         self.num_slots = num_experts * slots_per_expert
         self.phi = nn.Parameter(torch.randn(input_size, self.num_slots) / math.sqrt(input_size))
@@ -81,8 +88,17 @@ class SlotSoftMoE(nn.Module):
         logits = x @ self.phi                                       # (B, T, n)
         return logits.softmax(dim=1), logits.softmax(dim=2)
 
+    def route(self, x: torch.Tensor) -> Routing:
+        """Token-to-expert view of the combine weights: each token's mass on each expert's slots
+        (``(B * T, E)``, rows sum to one), as a dense routing. ``x`` is ``(batch, tokens, d)``."""
+        _, combine = self.routing_weights(x)
+        per_expert = combine.reshape(-1, self.num_experts, self.slots_per_expert).sum(-1)
+        return dense_routing(per_expert.clamp_min(torch.finfo(per_expert.dtype).tiny).log())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dispatch, combine = self.routing_weights(x)                 # (B, T, n) each
+        per_expert = combine.reshape(-1, self.num_experts, self.slots_per_expert).sum(-1)
+        self._record(dense_routing(per_expert.clamp_min(torch.finfo(per_expert.dtype).tiny).log()))
         batch = x.shape[0]
         slots = dispatch.transpose(1, 2) @ x                        # (B, n, d): weighted token averages
         slots = slots.view(batch, self.num_experts, self.slots_per_expert, -1)      # (B, E, S, d)
@@ -91,28 +107,3 @@ class SlotSoftMoE(nn.Module):
             outs = self._act(outs)                                  # (B, E, S, h)
         mixed = combine @ outs.reshape(batch, self.num_slots, -1)   # (B, T, h): weighted slot averages
         return self.output(mixed)                                   # (B, T, o)
-
-
-def group_into_sequences(x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, tokens: int,
-                         seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Arrange examples into sequences of ``tokens`` examples of the same group, for a per-token task.
-
-    ``x`` ``(N, d)``, ``y`` ``(N,)`` and ``groups`` ``(N,)`` (e.g. the cluster ids of
-    :func:`moe_lab.data.make_clustered_task`). Within each group the examples are cut into
-    full sequences (a group's remainder is dropped); the sequences are then shuffled with
-    ``seed``. Returns ``(xs (M, tokens, d), ys (M, tokens))``.
-    """
-    positive_int("tokens", tokens)
-    if not (len(x) == len(y) == len(groups)):
-        raise ValueError(f"x, y and groups must have the same length, got {len(x)}, {len(y)}, {len(groups)}")
-    xs, ys = [], []
-    for g in torch.unique(groups):
-        members = torch.nonzero(groups == g).squeeze(1)
-        members = members[:len(members) // tokens * tokens]
-        xs.append(x[members].reshape(-1, tokens, *x.shape[1:]))
-        ys.append(y[members].reshape(-1, tokens))
-    xs, ys = torch.cat(xs), torch.cat(ys)
-    if len(xs) == 0:
-        raise ValueError(f"no group has {tokens} examples: no full sequence can be made")
-    order = torch.randperm(len(xs), generator=torch.Generator().manual_seed(seed))
-    return xs[order], ys[order]

@@ -5,18 +5,9 @@ import torch
 
 from moe_lab import ImageClassifierMoE, evaluate
 from moe_lab.compress import quantize_experts
-from moe_lab.practices import (
-    FeatureCache,
-    mcnemar_p,
-    n_for_difference,
-    per_class_accuracy,
-    run_sweep,
-    sweep_table,
-    to_topk,
-    two_proportion_p,
-    verdict,
-)
-from moe_lab.topk_moe import TopKMoE
+from moe_lab.layers.topk import TopKMoE
+from moe_lab.stats import mcnemar_p, n_for_difference, per_class_accuracy, two_proportion_p, verdict
+from moe_lab.sweeps import FeatureCache, run_sweep, sweep_table, to_topk
 
 
 @pytest.fixture

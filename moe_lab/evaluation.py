@@ -5,83 +5,37 @@ the saved artifact (:func:`moe_lab.model_bytes`), never ``numel``: the deck's
 ``sum(p.numel() for p in model.parameters())`` does not move when weights are zeroed or
 stored as int8.
 
-The module is also callable: ``moe_lab.evaluate(model, data, task=...)`` is
-:func:`moe_lab.training.evaluate` (one model, one metric), so both spellings of the name work.
+One model, one metric: ``moe_lab.evaluate(model, data)`` (:func:`moe_lab.training.evaluate`).
 """
 
 from __future__ import annotations
 
 import math
-import sys
-import types
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe_lab.compress.targets import moe_layers
 from moe_lab.diagnostics import expert_share, utilisation_entropy
+from moe_lab.layers.base import ExpertLoad, mixture_layers
 from moe_lab.measure import active_params_per_token, flops_per_token, latency, model_bytes, param_count
+from moe_lab.stats import mean_interval, wilson_interval
 from moe_lab.training import TASKS, as_loader
-from moe_lab.training import evaluate as evaluate_model
 
 
-class _CallableModule(types.ModuleType):
-    def __call__(self, model: nn.Module, data, **kwargs) -> dict[str, float]:
-        """Same as :func:`moe_lab.training.evaluate`."""
-        return evaluate_model(model, data, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
-
-
-def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval for a proportion (accuracy) from ``successes`` out of ``n``."""
-    if n < 1 or not 0 <= successes <= n:
-        raise ValueError(f"need 0 <= successes <= n and n >= 1, got {successes} of {n}")
-    z = _z(confidence)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def _z(confidence: float) -> float:
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    return float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.5 + confidence / 2)))
-
-
-def mean_interval(values: torch.Tensor, confidence: float = 0.95) -> tuple[float, float, float]:
-    """Mean of ``values`` and a normal-approximation interval for it: ``(mean, low, high)``."""
-    values = values.double().reshape(-1)
-    mean = float(values.mean())
-    if values.numel() < 2:
-        return mean, mean, mean
-    half = _z(confidence) * float(values.std()) / math.sqrt(values.numel())
-    return mean, mean - half, mean + half
-
-
-@torch.no_grad()
 def _quality(model: nn.Module, data, task: str, batch_size: int, confidence: float) -> tuple[dict, dict]:
     """Task metric with its interval, plus expert load per MoE layer (routed token counts, or a
     dense layer's summed gate weights)."""
-    layers = moe_layers(model)
-    counts = {name: torch.zeros(layer.num_experts, dtype=torch.float64) for name, layer in layers}
-    seen = {}
-    hooks = [layer.register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__(name, args[0]))
-             for name, layer in layers]
+    layers = mixture_layers(model)
+    loads: dict[str, ExpertLoad] = {}
     losses, correct = [], 0
     model.eval()
-    try:
+    with torch.no_grad():
         for inputs, targets in as_loader(data, batch_size, shuffle=False):
             logits = model(inputs)
-            for name, layer in layers:
-                if getattr(layer, "tokens_per_expert", None) is not None:
-                    counts[name] += layer.tokens_per_expert.double()
-                else:
-                    gates = layer.gate_probs(seen[name]).reshape(-1, layer.num_experts)
-                    counts[name] += gates.sum(0).double()
+            for name, layer in layers:  # every mixture layer keeps the routing of its last forward
+                load = ExpertLoad.from_routing(layer.last_routing, layer.num_experts, layer.DENSE)
+                loads[name] = loads[name] + load if name in loads else load
             if task == "classification":
                 correct += int((logits.argmax(-1) == targets).sum())
                 losses.append(F.cross_entropy(logits, targets, reduction="none"))
@@ -89,10 +43,8 @@ def _quality(model: nn.Module, data, task: str, batch_size: int, confidence: flo
                 token_losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                                reduction="none")
                 losses.append(token_losses.view(targets.shape).mean(dim=1))
-    finally:
-        for hook in hooks:
-            hook.remove()
     losses = torch.cat(losses)
+    counts = {name: load.share for name, load in loads.items()}
     if task == "classification":
         n = losses.numel()
         low, high = wilson_interval(correct, n, confidence)

@@ -13,8 +13,11 @@ import torch
 import torch.nn as nn
 
 from moe_lab._checks import finite_float, last_dim, positive_int
-from moe_lab.activations import get_activation
-from moe_lab.routing import (
+from moe_lab.layers.activations import get_activation
+from moe_lab.layers.base import MixtureLayer
+from moe_lab.layers.dispatch import routed_mixture
+from moe_lab.layers.registry import register_layer
+from moe_lab.layers.routing import (
     Routing,
     expert_capacity,
     load_balancing_loss,
@@ -25,13 +28,14 @@ from moe_lab.routing import (
 )
 
 
-class TopKMoE(nn.Module):
+@register_layer
+class TopKMoE(MixtureLayer):
     """Each token is sent to its ``k`` best experts; only those experts compute.
 
     ``output(sum_{e in topk(x)} gate_e(x) * act(experts[e](x)))``
 
     Args:
-        num_experts, input_size, expert_size, output_size: as in :class:`moe_lab.SoftMoE`.
+        num_experts, input_size, expert_size, output_size: as in :class:`moe_lab.DenseMoE`.
         k: experts per token, ``1 <= k <= num_experts``.
         activation: ``None`` (the deck's linear experts), ``"relu"``, ``"gelu"`` or ``"silu"``.
         routing: ``"topk_softmax"`` (the deck: softmax over the top-k logits) or
@@ -52,8 +56,10 @@ class TopKMoE(nn.Module):
         ``router_z_loss``: weighted z-loss, ``aux_loss``: their sum (add it to your loss),
         ``tokens_per_expert``: ``(E,)`` assignments per expert before the capacity cut,
         ``dropped_tokens``: assignments dropped by the capacity limit,
-        ``last_routing``: the :class:`moe_lab.routing.Routing` used (detached).
+        ``last_routing``: the :class:`moe_lab.layers.routing.Routing` used (detached).
     """
+
+    ROUTERS = ("gating", "noise_gating")
 
     def __init__(self, num_experts: int, input_size: int, expert_size: int, output_size: int,
                  k: int = 2, *, activation: str | None = None, routing: str = "topk_softmax",
@@ -85,22 +91,6 @@ class TopKMoE(nn.Module):
         if noisy_gating:
             self.noise_gating = nn.Linear(input_size, num_experts, bias=False)
             nn.init.zeros_(self.noise_gating.weight)
-        self._clear_stats()
-
-    def _clear_stats(self) -> None:
-        self.load_balancing_loss = None
-        self.router_z_loss = None
-        self.aux_loss = None
-        self.tokens_per_expert = None
-        self.dropped_tokens = None
-        self.last_routing = None
-
-    def __getstate__(self):
-        # The losses hold an autograd graph, which copy.deepcopy and pickle cannot copy.
-        state = super().__getstate__().copy()
-        for name in ("load_balancing_loss", "router_z_loss", "aux_loss", "last_routing"):
-            state[name] = None
-        return state
 
     def route(self, x: torch.Tensor) -> Routing:
         """Routing for ``x`` of shape ``(..., input_size)``, flattened to ``n`` tokens."""
@@ -120,33 +110,23 @@ class TopKMoE(nn.Module):
             capacity = expert_capacity(flat.shape[0], self.k, self.num_experts,
                                        self.config["capacity_factor"])
         plan = plan_dispatch(routing.indices, routing.gates, self.num_experts, capacity)
-
-        routed = flat.index_select(0, plan.token_index)
-        hidden = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, routed.split(plan.counts))])
-        if self._act is not None:
-            hidden = self._act(hidden)
-        hidden = hidden * plan.gate.unsqueeze(1)
-        mixed = hidden.new_zeros(flat.shape[0], hidden.shape[1]).index_add_(0, plan.token_index, hidden)
-
-        self._record(routing, plan)
-        out = self.output(mixed)
-        return out.reshape(*x.shape[:-1], out.shape[-1])
-
-    def _record(self, routing: Routing, plan) -> None:
+        act = self._act or (lambda h: h)
+        mixed = routed_mixture(flat, plan, [lambda c, e=e: act(e(c)) for e in self.experts],
+                               self.config["expert_size"])
+        self._record(routing, plan.tokens_per_expert, plan.dropped)
         self.load_balancing_loss = self.config["balance_loss_weight"] * load_balancing_loss(
             routing.probs, routing.indices)
         self.router_z_loss = self.config["z_loss_weight"] * router_z_loss(routing.logits)
         self.aux_loss = self.load_balancing_loss + self.router_z_loss
-        self.tokens_per_expert = plan.tokens_per_expert
-        self.dropped_tokens = plan.dropped
-        self.last_routing = Routing(*(t.detach() for t in (routing.logits, routing.probs,
-                                                            routing.gates, routing.indices)))
+        out = self.output(mixed)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def collect_aux_loss(model: nn.Module) -> torch.Tensor | None:
-    """Sum of ``aux_loss`` over every :class:`TopKMoE` in ``model`` after its last forward.
+    """Sum of ``aux_loss`` over every mixture layer in ``model`` after its last forward.
 
-    Returns ``None`` if the model has no top-k layer (or none has run yet).
+    Returns ``None`` if no layer has an auxiliary loss (or none has run yet).
     """
-    losses = [m.aux_loss for m in model.modules() if isinstance(m, TopKMoE) and m.aux_loss is not None]
+    losses = [m.aux_loss for m in model.modules()
+              if isinstance(m, MixtureLayer) and isinstance(m.aux_loss, torch.Tensor)]
     return torch.stack(losses).sum() if losses else None

@@ -2,7 +2,7 @@
 
 Shapes use ``n`` for tokens (all leading dimensions flattened), ``E`` for experts and
 ``k`` for experts chosen per token. Nothing here holds state; the layers in
-:mod:`moe_lab.topk_moe` call these functions, and tests compare them with slow references.
+:mod:`moe_lab.layers.topk` call these functions, and tests compare them with slow references.
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moe_lab._checks import last_dim, positive_int
+from moe_lab.layers.compact.base import CompactLinear
+from moe_lab.layers.registry import register_layer
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -41,12 +43,15 @@ def sparse_bytes(out_features: int, in_features: int, nonzero: int, format: str 
     raise ValueError(f"format must be 'bitmask', 'csr' or 'dense', got {format!r}")
 
 
-class SparseLinear(nn.Module):
+@register_layer
+class SparseLinear(CompactLinear):
     """A linear layer stored as ``mask`` (packed bits) + ``values`` (its non-zeros, row-major).
 
     ``forward`` rebuilds the dense weight and calls ``F.linear``: this saves bytes, not time.
     Shapes: ``x`` is ``(..., in_features)``; the result is ``(..., out_features)``.
     """
+
+    WEIGHT_IN_BUFFERS = True
 
     def __init__(self, in_features: int, out_features: int, nonzero: int, bias: bool = True):
         super().__init__()

@@ -1,6 +1,6 @@
 """Slow, obviously-correct references: the deck's layers, written out as the slides do.
 
-They exist to be compared against. Tests check :class:`moe_lab.SoftMoE` and
+They exist to be compared against. Tests check :class:`moe_lab.DenseMoE` and
 :class:`moe_lab.TopKMoE` against them on the same weights, and ``bench/dispatch.py`` times
 the per-token loop. Do not use them for real work: :class:`DeckConditionalMoE` runs one
 Python call per token and expert slot, and :class:`DeckMoE` only handles ``(batch, d)``.

@@ -1,6 +1,8 @@
-"""Dense ("soft") mixtures: every expert runs on every token and the gates mix them.
+"""Dense mixtures: every expert runs on every token and the gates mix them.
 
-:class:`SoftMoE` is the layer of slide 1 and :class:`SharedTrunkMoE` the weight-sharing
+:class:`DenseMoE` is the layer of slide 1 (the deck calls it ``MoE``; this package called it
+``SoftMoE`` before, a name that belongs to Puigcerver et al.'s slot layer,
+:class:`~moe_lab.layers.slot.SlotSoftMoE`) and :class:`SharedTrunkMoE` the weight-sharing
 layer of slide 7. Both keep the deck's attribute names, so a ``state_dict`` saved from the
 deck's classes loads into them and gives the same outputs, but they accept any leading
 dimensions (``(..., input_size)``), not only ``(batch, input_size)``.
@@ -13,7 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moe_lab._checks import last_dim, positive_int
-from moe_lab.activations import get_activation
+from moe_lab.layers.activations import get_activation
+from moe_lab.layers.base import MixtureLayer, dense_routing
+from moe_lab.layers.registry import register_layer
+from moe_lab.layers.routing import Routing
 
 
 def dense_mixture(x: torch.Tensor, gates: torch.Tensor, experts: nn.ModuleList,
@@ -35,7 +40,8 @@ def dense_mixture(x: torch.Tensor, gates: torch.Tensor, experts: nn.ModuleList,
     return torch.bmm(gates.unsqueeze(1), hidden).squeeze(1)
 
 
-class SoftMoE(nn.Module):
+@register_layer(aliases=("SoftMoE",))
+class DenseMoE(MixtureLayer):
     """Dense mixture of experts (slide 1): ``output(sum_e softmax(gating(x))_e * expert_e(x))``.
 
     Args:
@@ -49,6 +55,8 @@ class SoftMoE(nn.Module):
     Shapes: ``x`` is ``(..., d)``; the result is ``(..., o)``.
     """
 
+    DENSE = True
+
     def __init__(self, num_experts: int, input_size: int, expert_size: int, output_size: int,
                  *, activation: str | None = None):
         super().__init__()
@@ -58,7 +66,7 @@ class SoftMoE(nn.Module):
         self._act = get_activation(activation)
         self.config = dict(num_experts=num_experts, input_size=input_size,
                            expert_size=expert_size, output_size=output_size, activation=activation)
-        self.num_experts = num_experts
+        self.num_experts = self.k = num_experts
         self.experts = nn.ModuleList([nn.Linear(input_size, expert_size) for _ in range(num_experts)])
         self.gating = nn.Linear(input_size, num_experts)
         self.output = nn.Linear(expert_size, output_size)
@@ -68,15 +76,22 @@ class SoftMoE(nn.Module):
         last_dim("x", x, self.config["input_size"])
         return self.gating(x).softmax(dim=-1)
 
+    def route(self, x: torch.Tensor) -> Routing:
+        """Every expert, gated by the softmax of the router (:func:`~moe_lab.layers.base.dense_routing`)."""
+        last_dim("x", x, self.config["input_size"])
+        return dense_routing(self.gating(x.reshape(-1, x.shape[-1])))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gates = self.gate_probs(x)
+        routing = self.route(x)
         flat = x.reshape(-1, x.shape[-1])
-        mixed = dense_mixture(flat, gates.reshape(-1, self.num_experts), self.experts, self._act)
+        mixed = dense_mixture(flat, routing.probs, self.experts, self._act)
+        self._record(routing)
         out = self.output(mixed)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-class SharedTrunkMoE(nn.Module):
+@register_layer
+class SharedTrunkMoE(MixtureLayer):
     """Weight sharing (slide 7): one shared layer feeds small experts, gated on the input.
 
     ``output(sum_e softmax(gating(x))_e * expert_layers[e](shared_layer(x)))``. Each expert
@@ -85,6 +100,9 @@ class SharedTrunkMoE(nn.Module):
 
     Shapes: ``x`` is ``(..., input_size)``; the result is ``(..., output_size)``.
     """
+
+    DENSE = True
+    EXPERTS = "expert_layers"
 
     def __init__(self, num_experts: int, input_size: int, expert_size: int, output_size: int,
                  shared_size: int, *, activation: str | None = None):
@@ -96,7 +114,7 @@ class SharedTrunkMoE(nn.Module):
         self._act = get_activation(activation)
         self.config = dict(num_experts=num_experts, input_size=input_size, expert_size=expert_size,
                            output_size=output_size, shared_size=shared_size, activation=activation)
-        self.num_experts = num_experts
+        self.num_experts = self.k = num_experts
         self.shared_layer = nn.Linear(input_size, shared_size)
         self.expert_layers = nn.ModuleList([nn.Linear(shared_size, expert_size)
                                             for _ in range(num_experts)])
@@ -108,9 +126,24 @@ class SharedTrunkMoE(nn.Module):
         last_dim("x", x, self.config["input_size"])
         return self.gating(x).softmax(dim=-1)
 
+    @property
+    def experts(self) -> nn.ModuleList:
+        """The experts (the deck's name for them is ``expert_layers``)."""
+        return self.expert_layers
+
+    def expert_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The shared trunk's output: what every expert receives."""
+        return self.shared_layer(x)
+
+    def route(self, x: torch.Tensor) -> Routing:
+        """Every expert, gated by the softmax of the router (on the input, not the trunk)."""
+        last_dim("x", x, self.config["input_size"])
+        return dense_routing(self.gating(x.reshape(-1, x.shape[-1])))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gates = self.gate_probs(x).reshape(-1, self.num_experts)
+        routing = self.route(x)
         trunk = self.shared_layer(x.reshape(-1, x.shape[-1]))
-        mixed = dense_mixture(trunk, gates, self.expert_layers, self._act)
+        mixed = dense_mixture(trunk, routing.probs, self.expert_layers, self._act)
+        self._record(routing)
         out = self.output(mixed)
         return out.reshape(*x.shape[:-1], out.shape[-1])

@@ -1,0 +1,43 @@
+"""Running routed experts: every token's assignments grouped by expert, one call per expert.
+
+:func:`routed_mixture` is the one dispatch used by :class:`~moe_lab.TopKMoE` and
+:class:`~moe_lab.SwiGLUMoE`. The Python loop runs over the ``E`` experts, never over tokens:
+
+1. :func:`~moe_lab.layers.routing.plan_dispatch` sorts the ``n * k`` assignments by expert;
+2. each expert runs once on its block of tokens (``index_select`` of the rows it serves);
+3. its outputs, scaled by their gates, are added into a preallocated ``(n, out)`` buffer at
+   their tokens' rows (``index_add_``), one expert's block at a time, so the temporaries stay
+   small and cache-resident.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from moe_lab.layers.routing import DispatchPlan
+
+
+def routed_mixture(flat: torch.Tensor, plan: DispatchPlan, experts: Sequence[Callable[[torch.Tensor],
+                   torch.Tensor]], out_features: int) -> torch.Tensor:
+    """``out[t] = sum over t's kept assignments (e, g) of g * experts[e](flat[t])``.
+
+    Args:
+        flat: ``(n, d)`` tokens.
+        plan: their assignments grouped by expert (``plan.counts[e]`` rows for expert ``e``).
+        experts: ``E`` callables ``(m, d) -> (m, out_features)``.
+        out_features: width of the experts' outputs.
+
+    Returns ``(n, out_features)`` in ``flat``'s dtype and device; rows of tokens with no kept
+    assignment are zero. Gates are applied in the experts' output dtype.
+    """
+    out = flat.new_zeros(flat.shape[0], out_features)
+    routed = flat.index_select(0, plan.token_index)  # (m, d), expert 0's rows first
+    blocks = zip(experts, routed.split(plan.counts), plan.token_index.split(plan.counts),
+                 plan.gate.split(plan.counts))
+    for expert, chunk, tokens, gates in blocks:
+        if len(tokens):
+            y = expert(chunk)
+            out.index_add_(0, tokens, (y * gates.to(y.dtype).unsqueeze(1)).to(out.dtype))
+    return out
