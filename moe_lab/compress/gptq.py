@@ -1,0 +1,272 @@
+"""GPTQ (Frantar et al. 2022): round weights to the int grid one input column at a time, pushing each
+column's rounding error onto the columns not yet rounded, so the layer's *output* on calibration
+inputs moves as little as possible.
+
+The grid and storage are those of :mod:`moe_lab.compress.quantize` (symmetric, no zero point):
+a weight ``(out, in)`` is cut into groups of ``group_size`` input columns (``None``: one group per
+row), each with a scale ``s`` (stored in float16) and integers ``q = clamp(round(w / s), -q_max, q_max)``,
+``q_max = 2 ** (bits - 1) - 1``. Only *which* integers are picked changes; round-to-nearest (RTN) is
+GPTQ with no error feedback.
+
+The loss GPTQ minimises for one row ``w`` is ``(w - w_q) H (w - w_q)^T`` with ``H = mean(x x^T)`` over the
+calibration tokens (:func:`hessian_from_inputs`, :class:`HessianAccumulator`; per-token weights such as
+router gates weight the tokens, as MoEQuant does for experts).
+
+Choices, all documented where they are made:
+
+* Scales are rounded to float16 *before* rounding the weights, so the error fed back is the error of the
+  weight that is actually stored (RTN does the same, hence GPTQ with ``H = I`` equals RTN exactly).
+* Per-channel scales come from the whole row before any update. Group scales (``act_order=False``) come
+  from the group's columns as they stand when the group's first column is reached, with *every* earlier
+  column's update applied, including the ones a lazy block has not yet written back (the reference code
+  reads the stale matrix there, which makes its result depend on ``block_size``; ours does not).
+* With ``act_order`` and groups, the scales are *static*: computed from the weight before any update and
+  before the permutation, so each stored group still covers ``group_size`` consecutive original columns
+  (the reference code's ``static_groups=True``). Columns are visited by decreasing ``diag(H)``.
+* Dead columns (``diag(H) = 0``: inputs always zero) get weight 0 and a diagonal of 1, as in the
+  reference code, but the damping ``damp * mean(diag H)`` averages the live columns only, so scaling
+  the inputs does not change the result.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from moe_lab._checks import finite_float, last_dim, positive_int
+from moe_lab.compress import quantize as _quantize
+from moe_lab.compress.quantize import SCALE_DTYPE, QuantizedLinear
+
+GPTQ_BITS = (2, 3, 4, 8)
+
+
+def _check_arguments(weight, hessian, bits, group_size, damp, block_size) -> None:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"weight must be a 2-D float tensor, got {getattr(weight, 'shape', weight)!r}")
+    if not torch.isfinite(weight).all():
+        raise ValueError("weight must be finite")
+    if isinstance(bits, bool) or bits not in GPTQ_BITS:
+        raise ValueError(f"bits must be one of {GPTQ_BITS}, got {bits!r}")
+    in_features = weight.shape[1]
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size must be a positive int or None, got {group_size!r}")
+        if in_features % group_size:
+            raise ValueError(f"group_size ({group_size}) must divide in_features ({in_features})")
+    finite_float("damp", damp, minimum=0.0)
+    positive_int("block_size", block_size)
+    if not isinstance(hessian, torch.Tensor) or not hessian.is_floating_point():
+        raise ValueError("hessian must be a float tensor")
+    if hessian.shape != (in_features, in_features):
+        raise ValueError(f"hessian must have shape ({in_features}, {in_features}), "
+                         f"got {tuple(hessian.shape)}")
+    h = hessian.detach().float()
+    if not torch.isfinite(h).all() or (h.diagonal() < 0).any():
+        raise ValueError("hessian must be finite with a nonnegative diagonal")
+    if (h - h.T).abs().max() > 1e-4 * h.abs().max():
+        raise ValueError("hessian must be symmetric")
+
+
+def _grid_scales(columns: torch.Tensor, q_max: int) -> torch.Tensor:
+    """Float16-representable float32 scales ``(..., 1)`` of ``columns`` ``(..., k)``, as RTN computes them."""
+    return (columns.abs().amax(dim=-1, keepdim=True) / q_max).to(SCALE_DTYPE).float()
+
+
+def _round(column: torch.Tensor, scale: torch.Tensor, q_max: int) -> torch.Tensor:
+    """Integers (as float) of ``column`` ``(out,)`` on the grid of ``scale`` ``(out,)`` (0 scale: step 1)."""
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.round(column / safe).clamp_(-q_max, q_max)
+
+
+def _inverse_factor(hessian: torch.Tensor, dead: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) I)^-1 = U^T U`` for a float32
+    ``(in, in)`` Hessian, after giving dead columns (``dead``, zero diagonal) a diagonal of 1.
+
+    The mean is over the live columns only: the reference code averages the dead columns' 1s in too,
+    which makes the damping (and the result) depend on the units of the inputs.
+    """
+    h = hessian.clone()
+    h.diagonal()[dead] = 1.0
+    level = hessian.diagonal()[~dead].mean() if (~dead).any() else 1.0
+    h.diagonal().add_(damp * level)
+    factor, info = torch.linalg.cholesky_ex(h)  # lower: H = L L^T
+    if info.item() == 0:
+        factor, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
+    if info.item() != 0:
+        raise ValueError(f"hessian is not positive definite after damping (damp={damp}): increase damp")
+    return factor
+
+
+@torch.no_grad()
+def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4,
+                         group_size: int | None = None, damp: float = 0.01, act_order: bool = False,
+                         block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ-round a ``(out, in)`` weight (any float dtype) given the ``(in, in)`` input Hessian.
+
+    Returns int8 ``values`` ``(out, in)`` in ``[-q_max, q_max]`` and float32 ``scales`` ``(out, groups)``
+    (float16-representable, so they are stored without change), on the weight's device; work is done
+    in float32. ``block_size`` only batches the updates (lazy block updates): it does not change the
+    result beyond float rounding. Dead columns (``diag(H) = 0``: inputs always zero) are set to 0.
+    """
+    _check_arguments(weight, hessian, bits, group_size, damp, block_size)
+    w = weight.detach().float().clone()
+    h = hessian.detach().to(device=w.device, dtype=torch.float32)
+    h = (h + h.T) / 2
+    out_features, n = w.shape
+    q_max, g = 2 ** (bits - 1) - 1, group_size or n
+    dead = h.diagonal() == 0
+    w[:, dead] = 0.0
+    dynamic = group_size is not None and not act_order  # group scales taken as the groups are reached
+    scales = _grid_scales(w.reshape(out_features, n // g, g), q_max).squeeze(-1)  # static: (out, groups)
+    perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(n)
+    perm = perm.to(w.device)  # dead columns (diagonal 0) come last
+    w, h = w[:, perm], h[perm][:, perm]
+    u = _inverse_factor(h, dead[perm], damp)
+    group_of = (perm // g).tolist()  # stored group of each visited column
+    values = torch.zeros_like(w)
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        block, errors = w[:, i1:i2].clone(), torch.zeros(out_features, i2 - i1, device=w.device)
+        for i in range(i2 - i1):
+            j = i1 + i
+            if dynamic and j % g == 0:  # the group's columns with all pending updates applied
+                later = w[:, i2:j + g] - errors[:, :i] @ u[i1:j, i2:j + g]
+                scales[:, j // g] = _grid_scales(torch.cat([block[:, i:i + g], later], 1), q_max)[:, 0]
+            scale = scales[:, group_of[j]]
+            values[:, j] = _round(block[:, i], scale, q_max)
+            errors[:, i] = (block[:, i] - values[:, j] * scale) / u[j, j]
+            block[:, i:] -= errors[:, i:i + 1] * u[j, j:i2]
+        w[:, i2:] -= errors @ u[i1:i2, i2:]
+    return values[:, torch.argsort(perm)].to(torch.int8), scales
+
+
+def _word(bits: int) -> tuple[int, int]:
+    """Values and bytes per packed word: the fewest values whose bits fill whole bytes."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an int in [1, 8], got {bits!r}")
+    common = math.gcd(8, bits)
+    return 8 // common, bits // common
+
+
+def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack signed ``bits``-bit integers into a little-endian bit stream along the last dimension:
+    int ``(..., m)`` in ``[-2**(bits-1), 2**(bits-1) - 1]`` -> uint8 ``(..., ceil(m * bits / 8))``.
+
+    Value ``i`` takes bits ``[i * bits, (i + 1) * bits)`` of its row's stream, lowest bit first: int2
+    packs 4 values a byte, int3 8 values in 3 bytes, and int4 is byte-for-byte :func:`pack_int4`.
+    """
+    per_word, word_bytes = _word(bits)
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    if values.is_floating_point() or values.dtype == torch.bool:
+        raise ValueError(f"values must be an integer tensor, got {values.dtype}")
+    if values.numel() and (values.min() < low or values.max() > high):
+        raise ValueError(f"values must lie in [{low}, {high}] for {bits} bits")
+    width = values.shape[-1]
+    codes = (values.to(torch.int64) & (2 ** bits - 1))
+    codes = torch.nn.functional.pad(codes, (0, -width % per_word)).unflatten(-1, (-1, per_word))
+    words = (codes << (bits * torch.arange(per_word, device=values.device))).sum(-1, keepdim=True)
+    stream = (words >> (8 * torch.arange(word_bytes, device=values.device))) & 0xFF
+    return stream.flatten(-2)[..., :(width * bits + 7) // 8].to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: uint8 ``(..., ceil(width * bits / 8))`` -> int8 ``(..., width)``."""
+    per_word, word_bytes = _word(bits)
+    if isinstance(width, bool) or not isinstance(width, int) or width < 0:
+        raise ValueError(f"width must be a nonnegative int, got {width!r}")
+    if packed.dtype != torch.uint8 or packed.dim() == 0 or packed.shape[-1] != (width * bits + 7) // 8:
+        raise ValueError(f"packed must be uint8 with last dimension {(width * bits + 7) // 8} for "
+                         f"width {width} at {bits} bits, got {packed.dtype} {tuple(packed.shape)}")
+    stream = torch.nn.functional.pad(packed.to(torch.int64), (0, -packed.shape[-1] % word_bytes))
+    stream = stream.unflatten(-1, (-1, word_bytes))
+    words = (stream << (8 * torch.arange(word_bytes, device=packed.device))).sum(-1, keepdim=True)
+    codes = (words >> (bits * torch.arange(per_word, device=packed.device))) & (2 ** bits - 1)
+    codes = codes.flatten(-2)[..., :width]
+    return torch.where(codes >= 2 ** (bits - 1), codes - 2 ** bits, codes).to(torch.int8)
+
+
+class HessianAccumulator:
+    """Streaming ``H = sum_t c_t x_t x_t^T / sum_t c_t`` over batches of inputs ``x_t`` ``(in,)``.
+
+    ``c_t`` are optional nonnegative per-token weights (router gates, say: MoEQuant weights an
+    expert's Hessian by the gates of the tokens it serves); without them ``H`` is the plain mean.
+    GPTQ's result does not depend on the overall scale of ``H``, only on the relative weights.
+    Each chunk of ``chunk_size`` tokens is multiplied in float32 and added to a float64 sum, so
+    memory stays ``O(chunk_size * in + in^2)`` and the rounding error does not grow with the token count.
+    """
+
+    def __init__(self, in_features: int, chunk_size: int = 4096):
+        self.in_features = positive_int("in_features", in_features)
+        self.chunk_size = positive_int("chunk_size", chunk_size)
+        self.count = 0  # tokens seen
+        self._sum: torch.Tensor | None = None  # float64 (in, in)
+        self._total = 0.0  # sum of the token weights
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> HessianAccumulator:
+        """Add the tokens of ``x`` ``(..., in)``, weighted by ``weights`` ``(...)`` if given."""
+        last_dim("x", x, self.in_features)
+        if weights is not None:
+            if not isinstance(weights, torch.Tensor) or weights.shape != x.shape[:-1]:
+                raise ValueError(f"weights must be a tensor of shape {tuple(x.shape[:-1])}, "
+                                 f"got {tuple(getattr(weights, 'shape', ()))}")
+            if not torch.isfinite(weights).all() or (weights < 0).any():
+                raise ValueError("weights must be finite and nonnegative")
+            weights = weights.detach().reshape(-1).to(device=x.device, dtype=torch.float32)
+        x = x.detach().reshape(-1, self.in_features)
+        if self._sum is None:
+            self._sum = torch.zeros(self.in_features, self.in_features, dtype=torch.float64, device=x.device)
+        for start in range(0, x.shape[0], self.chunk_size):
+            chunk = x[start:start + self.chunk_size].float()
+            scaled = chunk if weights is None else chunk * weights[start:start + self.chunk_size, None]
+            self._sum += (scaled.T @ chunk).double()
+        self._total += x.shape[0] if weights is None else float(weights.double().sum())
+        self.count += x.shape[0]
+        return self
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """The float32 ``(in, in)`` weighted mean of ``x x^T`` so far."""
+        if self._sum is None or self._total == 0:
+            raise ValueError("no tokens (or only zero-weight tokens) were added: the Hessian is undefined")
+        return (self._sum / self._total).float()
+
+
+def hessian_from_inputs(inputs: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Float32 ``(in, in)`` mean of ``x x^T`` over the tokens of ``inputs`` ``(..., in)``, optionally
+    weighted by nonnegative ``weights`` ``(...)`` (see :class:`HessianAccumulator`)."""
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() == 0:
+        raise TypeError(f"inputs must be a tensor of shape (..., in), got {type(inputs).__name__}")
+    return HessianAccumulator(inputs.shape[-1]).add(inputs, weights).hessian
+
+
+@torch.no_grad()
+def gptq_quantize(linear: nn.Linear, inputs: torch.Tensor | HessianAccumulator, bits: int = 4,
+                  group_size: int | None = None, damp: float = 0.01, act_order: bool = False,
+                  weights: torch.Tensor | None = None) -> QuantizedLinear:
+    """GPTQ-quantize a trained ``nn.Linear`` into a :class:`QuantizedLinear` (same grid and storage as
+    :meth:`QuantizedLinear.from_linear`), given its calibration ``inputs`` ``(..., in)`` (optionally
+    token-weighted by ``weights`` ``(...)``) or a :class:`HessianAccumulator` already fed with them."""
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+    if bits not in _quantize.SUPPORTED_BITS:  # looked up now: the storage may learn more widths
+        raise ValueError(f"bits={bits!r}: QuantizedLinear stores only {_quantize.SUPPORTED_BITS} bits; "
+                         "use gptq_quantize_weight and pack_bits for other widths")
+    if isinstance(inputs, HessianAccumulator):
+        if weights is not None:
+            raise ValueError("weights must be None when inputs is a HessianAccumulator (it holds its own)")
+        hessian = inputs.hessian
+    else:
+        last_dim("inputs", inputs, linear.in_features)
+        hessian = hessian_from_inputs(inputs, weights)
+    has_bias = linear.bias is not None
+    layer = QuantizedLinear(linear.in_features, linear.out_features, bits, group_size, has_bias)
+    values, scales = gptq_quantize_weight(linear.weight, hessian, bits, group_size, damp, act_order)
+    layer.to(linear.weight.device)
+    layer.qweight.copy_(values if layer.qweight.dtype == torch.int8 else pack_bits(values, bits))
+    layer.scales.copy_(scales)
+    if has_bias:
+        layer.bias.copy_(linear.bias.detach())
+    return layer
