@@ -4,6 +4,8 @@
 * :func:`mcnemar_p` (same test items) and :func:`two_proportion_p` (independent test sets):
   do two models differ, or is the gap noise of a finite test set?
 * :func:`n_for_difference`: how many test items a difference needs to become significant;
+* :func:`compare`: paired scores of two models -> "better" / "worse" / "no clear difference",
+  with the interval of the difference (:class:`Comparison`);
 * :func:`per_class_accuracy`, and :func:`verdict`, which turns a computed ``True`` / ``False`` /
   ``None`` into the words a notebook prints.
 """
@@ -11,6 +13,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -94,3 +97,62 @@ def verdict(held: bool | None) -> str:
     if held is None:
         return "n/a here"
     return "held" if bool(held) else "did not hold"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The outcome of :func:`compare`: ``b`` against ``a`` on the same test items.
+
+    Attributes:
+        difference: mean of ``b - a`` per item (in the score's units; for accuracy, points / 100).
+        low, high: confidence interval of that mean difference.
+        p: two-sided p-value of "no difference" (exact McNemar for 0/1 scores, else a paired
+            normal test).
+        outcome: ``"better"``, ``"worse"`` (``b`` than ``a``, by the score's direction) or
+            ``"no clear difference"`` (``p`` above ``1 - confidence``).
+    """
+
+    difference: float
+    low: float
+    high: float
+    p: float
+    outcome: str
+
+    def __str__(self) -> str:
+        return (f"{self.outcome} (difference {self.difference:+.4g}, {self.low:+.4g} to {self.high:+.4g}, "
+                f"p = {self.p:.2g})")
+
+    def within(self, margin: float) -> bool:
+        """Whether the whole interval lies within ``+-margin``: "close", not just "not shown apart"."""
+        return -margin <= self.low and self.high <= margin
+
+
+def compare(scores_a: torch.Tensor, scores_b: torch.Tensor, *, higher_is_better: bool = True,
+            confidence: float = 0.95) -> Comparison:
+    """Is ``b`` better than ``a``? Paired per-item scores ``(N,)`` of two models on the same items:
+    0/1 correctness (accuracy) or per-item losses (``higher_is_better=False``).
+
+    The words a notebook prints ("better", "worse", "no clear difference") come from here, so that
+    a sentence can never claim more than the test set shows.
+    """
+    a = torch.as_tensor(scores_a).double().reshape(-1)
+    b = torch.as_tensor(scores_b).double().reshape(-1)
+    if a.shape != b.shape or a.numel() < 2:
+        raise ValueError(f"scores_a and scores_b must hold the same number (>= 2) of paired scores, "
+                         f"got {a.numel()} and {b.numel()}")
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise ValueError("scores must be finite")
+    diff = b - a
+    mean, low, high = mean_interval(diff, confidence)
+    binary = bool(((a == 0) | (a == 1)).all() and ((b == 0) | (b == 1)).all())
+    if binary:
+        p = mcnemar_p(a.bool(), b.bool())
+    else:
+        se = float(diff.std()) / math.sqrt(diff.numel())
+        p = 1.0 if se == 0 and mean == 0 else (0.0 if se == 0 else math.erfc(abs(mean) / se / math.sqrt(2)))
+    sign = 1 if higher_is_better else -1
+    if p >= 1 - confidence or mean == 0:
+        outcome = "no clear difference"
+    else:
+        outcome = "better" if sign * mean > 0 else "worse"
+    return Comparison(difference=mean, low=low, high=high, p=p, outcome=outcome)

@@ -1,4 +1,5 @@
 import copy
+import math
 
 import pytest
 import torch
@@ -96,3 +97,33 @@ def test_run_sweep_and_table(setup):
 
 def test_verdict():
     assert verdict(True) == "held" and verdict(False) == "did not hold" and verdict(None) == "n/a here"
+
+
+def test_compare_against_a_slow_reference():
+    from moe_lab.stats import compare
+
+    g = torch.Generator().manual_seed(0)
+    a = (torch.rand(400, generator=g) < 0.7).float()
+    b = a.clone()
+    b[:40] = 1.0  # b fixes 40 items a got wrong or keeps them right: never worse
+    result = compare(a, b)
+    only_b = int(((b == 1) & (a == 0)).sum())
+    # slow reference: exact two-sided binomial test on the discordant pairs (none go the other way)
+    p_ref = min(1.0, 2 * sum(math.comb(only_b, i) for i in range(0 + 1)) / 2 ** only_b)
+    assert only_b > 5 and abs(result.p - p_ref) < 1e-12 and result.outcome == "better"
+    assert abs(result.difference - only_b / 400) < 1e-12 and result.low < result.difference < result.high
+    assert compare(b, a).outcome == "worse"
+    assert compare(a, a).outcome == "no clear difference" and compare(a, a).within(1e-9)
+    # continuous losses: lower is better; a tiny noisy shift is not called a difference
+    loss_a = torch.rand(500, generator=g)
+    shifted = loss_a - 0.2
+    noisy = loss_a + 1e-3 * torch.randn(500, generator=g).sign()
+    assert compare(loss_a, shifted, higher_is_better=False).outcome == "better"
+    assert compare(loss_a, noisy, higher_is_better=False).outcome == "no clear difference"
+    mean_ref = float((shifted.double() - loss_a.double()).mean())
+    assert abs(compare(loss_a, shifted, higher_is_better=False).difference - mean_ref) < 1e-12
+    assert "better" in str(compare(loss_a, shifted, higher_is_better=False))
+    with pytest.raises(ValueError, match="same number"):
+        compare(a, b[:-1])
+    with pytest.raises(ValueError, match="finite"):
+        compare(torch.tensor([1.0, float("nan")]), torch.tensor([1.0, 0.0]))
