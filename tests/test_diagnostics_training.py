@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from moe_lab import DenseMoE, TopKMoE
+from moe_lab import TopKMoE
 from moe_lab.data.synthetic import make_clustered_task
 from moe_lab.diagnostics import measure_shares, train_recording_shares
 

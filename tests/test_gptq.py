@@ -17,7 +17,7 @@ from moe_lab.compress.gptq import (
     pack_bits,
     unpack_bits,
 )
-from moe_lab.compress.quantize import QuantizedLinear, dequantize_tensor, pack_int4, quantize_tensor
+from moe_lab.layers.compact.quantized import QuantizedLinear, dequantize_tensor, pack_int4, quantize_tensor
 
 TIE = 1e-5  # a decision this close (relative) to a rounding tie may go either way in float32
 

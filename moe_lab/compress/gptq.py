@@ -36,8 +36,8 @@ import torch
 import torch.nn as nn
 
 from moe_lab._checks import finite_float, last_dim, positive_int
-from moe_lab.compress import quantize as _quantize
-from moe_lab.compress.quantize import SCALE_DTYPE, QuantizedLinear
+from moe_lab.layers.compact import quantized as _quantize
+from moe_lab.layers.compact.quantized import SCALE_DTYPE, QuantizedLinear
 
 GPTQ_BITS = (2, 3, 4, 8)
 

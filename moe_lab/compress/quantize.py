@@ -110,7 +110,8 @@ class Quantize(Stage):
         bits_value = number(item, bits, int)
         if bits_value not in SUPPORTED_BITS:
             raise ValueError(f"recipe item {item!r}: bits must be one of {SUPPORTED_BITS}")
-        return cls(bits_value, None if group is None else number(item, group, int, what="the group size", low=1))
+        group_size = None if group is None else number(item, group, int, what="the group size", low=1)
+        return cls(bits_value, group_size)
 
     def apply(self, model: nn.Module, calibration: torch.Tensor) -> nn.Module:
         return quantize_experts(model, self.bits, self.group_size)

@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 
 from moe_lab.compress.lowrank import low_rank_from_linear
-from moe_lab.layers.compact import QuantizedLinear
 from moe_lab.exercises._feedback import NO_ANSWER, call, ready
+from moe_lab.layers.compact import QuantizedLinear
 
 HINT = ("Hint: a low-rank expert is two matrices, down (rank, in) without bias and up (out, rank) with an "
         "(out,) float16 bias (2 bytes each). Quantized per output channel, each matrix stores its integer "

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from moe_lab.layers.compact.quantized import dequantize_tensor, quantize_tensor
 from moe_lab.exercises._feedback import ready
+from moe_lab.layers.compact.quantized import dequantize_tensor, quantize_tensor
 
 HINT = ("Hint: for a weight (out, in), each output row r gets its own scale s_r = max_j |W[r, j]| / 127 "
         "(W.abs().amax(dim=1, keepdim=True) / 127). values = round(W / s) clamped to [-127, 127], as "
