@@ -234,6 +234,14 @@ def test_kernel_sees_the_profile_and_the_inline_backend(tiny_course):
     assert seconds > 0
 
 
+def test_site_command_refuses_to_replace_a_folder_that_is_not_a_site(tmp_path, capsys):
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(SystemExit):
+        course.main(["site", "--profile", "ci", "--out", str(tmp_path), "01"])
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+    assert "refusing" in capsys.readouterr().err
+
+
 def test_timing_table_and_time_command(tiny_course, capsys):
     folder, _ = tiny_course
     rows = course.time_notebooks(course.notebook_paths(["02"], folder=folder), "ci", log=lambda *a: None)

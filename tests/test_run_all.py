@@ -13,6 +13,7 @@ import os
 import re
 
 import course
+import nbformat
 import pytest
 from nbconvert.filters.markdown_mistune import markdown2html_mistune
 
@@ -29,7 +30,7 @@ class LazySite:
     def page(self, path):
         if path not in self.pages:
             i = NOTEBOOKS.index(path)
-            self.pages[path] = course.build_page(path, self.out, PROFILE, course._nav(NOTEBOOKS, i))
+            self.pages[path] = course.build_page(path, self.out, PROFILE, course.nav_links(NOTEBOOKS, i))
         return self.pages[path]
 
 
@@ -51,7 +52,7 @@ def test_notebook_runs_all_and_renders(path, site):
 
     images, external = course.page_assets((site.out / page.html_name).read_text(encoding="utf-8"))
     assert images == page.figures, f"{path.name}: {page.figures} figures executed, {images} on the page"
-    drawing_cells = course.figure_cells(course.nbformat.read(path, as_version=4))
+    drawing_cells = course.figure_cells(nbformat.read(path, as_version=4))
     assert page.figures >= drawing_cells, f"{path.name}: {drawing_cells} cells draw, {page.figures} figures"
     assert external == [], f"{path.name}: the page loads {external} from the network"
     assert page.title.startswith(path.name[:2]) and page.goals, f"{path.name}: no title or learning goals"

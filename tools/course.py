@@ -400,7 +400,8 @@ def build_page(path: Path, out: Path, profile: str, nav: dict[str, str] | None =
     return page
 
 
-def _nav(paths: list[Path], i: int) -> dict[str, str]:
+def nav_links(paths: list[Path], i: int) -> dict[str, str]:
+    """Previous and next page of notebook ``i`` of ``paths``."""
     nav = {}
     if i > 0:
         nav["previous"] = paths[i - 1].stem + ".html"
@@ -438,7 +439,7 @@ def build_site(out: Path, profile: str = "default", paths: list[Path] | None = N
     pages = []
     for i, path in enumerate(paths):
         log(f"executing {path.name} ({profile} profile) ...")
-        pages.append(build_page(path, out, profile, _nav(paths, i)))
+        pages.append(build_page(path, out, profile, nav_links(paths, i)))
         log(f"  {pages[-1].seconds:.0f} s, {pages[-1].figures} figures -> {out / pages[-1].html_name}")
     finish_site(out, pages, profile, guide)
     (out / "timings.md").write_text(timing_table([(p.source.name, p.seconds) for p in pages], profile),
@@ -506,7 +507,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     paths = notebook_paths(args.names)
     if args.command == "site":
-        if args.out.exists():
+        if args.out.exists() and any(args.out.iterdir()):
+            if not (args.out / "index.html").is_file():
+                parser.error(f"--out {args.out} holds files but no course site: refusing to replace it")
             shutil.rmtree(args.out)
         build_site(args.out, args.profile, paths)
         print(f"open {args.out / 'index.html'}")
