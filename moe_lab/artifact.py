@@ -132,7 +132,8 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     """Split a state_dict into unique tensors and ``{alias: original}`` for shared ones."""
     unique, aliases, seen = {}, {}, {}
     for name, tensor in state.items():
-        if type(tensor) not in (torch.Tensor, nn.Parameter):
+        host = tensor.detach().to("cpu", copy=True)  # one copy, in host memory (none on an accelerator)
+        if type(host) is not torch.Tensor:
             raise TypeError(f"cannot save {name!r}: it is a {type(tensor).__name__} tensor subclass "
                             f"(torchao and similar runtime formats are for speed, not moe_lab artifacts); "
                             f"save the model before converting it, or use moe_lab.compress.quantize_experts")
@@ -143,7 +144,7 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
             continue
         if key is not None:
             seen[key] = name
-        unique[name] = tensor.detach().contiguous().clone()
+        unique[name] = host.contiguous()
     return unique, aliases
 
 

@@ -20,7 +20,7 @@ from moe_lab.diagnostics import expert_share, utilisation_entropy
 from moe_lab.layers.base import ExpertLoad, mixture_layers
 from moe_lab.measure import active_params_per_token, flops_per_token, latency, model_bytes, param_count
 from moe_lab.stats import mean_interval, wilson_interval
-from moe_lab.training import TASKS, as_loader
+from moe_lab.training import TASKS, as_loader, upcast_logits
 
 
 def _quality(model: nn.Module, data, task: str, batch_size: int, confidence: float) -> tuple[dict, dict]:
@@ -32,7 +32,7 @@ def _quality(model: nn.Module, data, task: str, batch_size: int, confidence: flo
     model.eval()
     with torch.no_grad():
         for inputs, targets in as_loader(data, batch_size, shuffle=False):
-            logits = model(inputs)
+            logits = upcast_logits(model(inputs))
             for name, layer in layers:  # every mixture layer keeps the routing of its last forward
                 load = ExpertLoad.from_routing(layer.last_routing, layer.num_experts, layer.DENSE)
                 loads[name] = loads[name] + load if name in loads else load

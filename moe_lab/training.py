@@ -50,8 +50,16 @@ def as_loader(data, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader
                       generator=generator)
 
 
+def upcast_logits(logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` in at least float32: a loss over many tokens or classes is summed in it
+    (bfloat16 keeps 3 significant digits), as Hugging Face's losses do. Differentiable."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def task_loss(logits: torch.Tensor, targets: torch.Tensor, task: str) -> torch.Tensor:
-    """Mean cross-entropy; for a language model ``(B, T, V)`` logits are flattened first."""
+    """Mean cross-entropy, in at least float32 (:func:`upcast_logits`); for a language model
+    ``(B, T, V)`` logits are flattened first."""
+    logits = upcast_logits(logits)
     if task == "language_model":
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
     if task == "classification":

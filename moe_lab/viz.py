@@ -397,7 +397,7 @@ def routing_heatmap(matrix, row_labels=None, col_labels=None, ax=None, *,
         raise ValueError(f"col_labels must have {cols} entries, got {len(col_labels)}")
     if ax is None:
         _, ax = plt.subplots(figsize=(1.0 + 0.9 * cols, 0.9 + 0.6 * rows))
-    image = ax.imshow(values.numpy(), cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto")
+    image = ax.imshow(values.cpu().numpy(), cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto")
     ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     ax.set_xticks(range(cols), col_labels)
     ax.set_yticks(range(rows), row_labels)

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from moe_lab._checks import finite_float, positive_int
 from moe_lab.layers.topk import collect_aux_loss
-from moe_lab.training import as_loader
+from moe_lab.training import as_loader, upcast_logits
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -25,14 +25,16 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     """``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, targets)``.
 
     Logits are ``(batch, classes)`` (or ``(..., classes)``, flattened); ``targets`` may be
-    ``None`` only when ``alpha == 1``. KL is averaged over examples (``batchmean``).
+    ``None`` only when ``alpha == 1``. KL is averaged over examples (``batchmean``). The loss is
+    computed in at least float32 (bfloat16 / float16 logits are cast up).
     """
     finite_float("temperature", temperature, minimum=0.0, strict=True)
     finite_float("alpha", alpha, minimum=0.0)
     if alpha > 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     classes = student_logits.shape[-1]
-    s, t = student_logits.reshape(-1, classes), teacher_logits.reshape(-1, classes)
+    s = upcast_logits(student_logits).reshape(-1, classes)
+    t = upcast_logits(teacher_logits).reshape(-1, classes)
     soft = F.kl_div(F.log_softmax(s / temperature, dim=-1), F.log_softmax(t / temperature, dim=-1),
                     reduction="batchmean", log_target=True) * temperature ** 2
     if alpha == 1:

@@ -32,7 +32,8 @@ def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:
         raise ValueError(f"energy must be <= 1, got {energy}")
     power = singular_values.double().square()
     kept = torch.cumsum(power, 0) / power.sum().clamp_min(torch.finfo(torch.float64).tiny)
-    return int(torch.searchsorted(kept, torch.tensor(energy, dtype=kept.dtype) - 1e-12)) + 1
+    target = torch.tensor([energy - 1e-12], dtype=kept.dtype, device=kept.device)
+    return int(torch.searchsorted(kept, target)) + 1
 
 
 def low_rank_from_linear(linear: nn.Linear, rank: int | None = None, *, energy: float | None = None
@@ -40,7 +41,8 @@ def low_rank_from_linear(linear: nn.Linear, rank: int | None = None, *, energy: 
     """A :class:`LowRankLinear` holding the truncated SVD of a trained ``nn.Linear``.
 
     Give either ``rank`` (1 .. min(out, in)) or ``energy`` (fraction of spectral energy to
-    keep). At full rank the outputs equal the original layer's up to float rounding.
+    keep). At full rank the outputs equal the original layer's up to float rounding. The SVD
+    runs in float64 wherever the weight lives; the factors get the weight's dtype and device.
     A :class:`~moe_lab.compress.QuantizedLinear` or :class:`~moe_lab.compress.SparseLinear`
     is factorised from its dequantized / dense weight (the factors are float again).
     """
@@ -53,7 +55,8 @@ def low_rank_from_linear(linear: nn.Linear, rank: int | None = None, *, energy: 
     u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
     if energy is not None:
         rank = rank_for_energy(s, energy)
-    layer = LowRankLinear(linear.in_features, linear.out_features, rank, bias=linear.bias is not None)
+    layer = LowRankLinear(linear.in_features, linear.out_features, rank, bias=linear.bias is not None,
+                          device=weight.device, dtype=weight.dtype)
     root = s[:rank].sqrt()
     with torch.no_grad():
         layer.U.weight.copy_((root[:, None] * vh[:rank]).to(weight.dtype))

@@ -41,6 +41,15 @@ def _experts(layer: nn.Module, linear_only: bool = False) -> tuple[str, nn.Modul
     return name, experts
 
 
+def _weighted_sum(weights: torch.Tensor, tensors: list[torch.Tensor], shift: float = 0.0) -> torch.Tensor:
+    """``sum_i weights[i] * tensors[i] + shift``, accumulated in at least float32 and returned in
+    the tensors' dtype (a bfloat16 sum of many experts would round at every step)."""
+    dtype = tensors[0].dtype
+    wide = torch.promote_types(dtype, torch.float32)
+    total = sum(w.to(wide) * t.to(wide) for w, t in zip(weights, tensors))
+    return (total + shift).to(dtype)
+
+
 def group_experts(layer: nn.Module, x: torch.Tensor, num_groups: int) -> list[list[int]]:
     """Cluster the experts into ``num_groups`` groups by the cosine similarity of their
     outputs on calibration inputs ``x`` ``(n, d)`` (average linkage, merging the most
@@ -53,7 +62,8 @@ def group_experts(layer: nn.Module, x: torch.Tensor, num_groups: int) -> list[li
         raise ValueError(f"num_groups must be <= num_experts ({len(experts)}), got {num_groups}")
     with torch.no_grad():
         inputs = layer.expert_input(x.reshape(-1, x.shape[-1]))
-        outputs = torch.stack([F.normalize(e(inputs).reshape(-1), dim=0) for e in experts])
+        wide = torch.promote_types(inputs.dtype, torch.float32)  # long dot products: not in bfloat16
+        outputs = torch.stack([F.normalize(e(inputs).reshape(-1).to(wide), dim=0) for e in experts])
     similarity = outputs @ outputs.T
     groups = [[e] for e in range(len(experts))]
     while len(groups) > num_groups:
@@ -94,7 +104,7 @@ def merge_experts(layer: nn.Module, x: torch.Tensor, num_groups: int,
             weights = usage[members] / usage[members].sum()
             states = [experts[e].state_dict() for e in members]
             expert = copy.deepcopy(experts[members[0]])
-            expert.load_state_dict({key: sum(w.to(s[key].dtype) * s[key] for w, s in zip(weights, states))
+            expert.load_state_dict({key: _weighted_sum(weights, [s[key] for s in states])
                                     for key in states[0]})
             merged_experts.append(expert)
         setattr(new, name, nn.ModuleList(merged_experts))
@@ -102,11 +112,11 @@ def merge_experts(layer: nn.Module, x: torch.Tensor, num_groups: int,
             old, merged = getattr(layer, router), getattr(new, router)
             rows, biases = [], []
             for members in groups:
-                weights = (usage[members] / usage[members].sum()).to(old.weight.dtype)
-                rows.append(sum(w * old.weight[e] for w, e in zip(weights, members)))
+                weights = usage[members] / usage[members].sum()
+                rows.append(_weighted_sum(weights, [old.weight[e] for e in members]))
                 if old.bias is not None:
-                    mixed = sum(w * old.bias[e] for w, e in zip(weights, members))
-                    biases.append(mixed + math.log(len(members)))
+                    biases.append(_weighted_sum(weights, [old.bias[e] for e in members],
+                                                shift=math.log(len(members))))
             merged.weight = nn.Parameter(torch.stack(rows), old.weight.requires_grad)
             if old.bias is not None:
                 merged.bias = nn.Parameter(torch.stack(biases), old.bias.requires_grad)
@@ -122,18 +132,21 @@ def base_delta_experts(layer: nn.Module, rank: int, x: torch.Tensor | None = Non
     on ``x`` if given. Returns the layer."""
     name, experts = _experts(layer, linear_only=True)
     positive_int("rank", rank)
+    weight = experts[0].weight
     usage = (expert_usage(layer, x)["gate_weight"] if x is not None
-             else torch.full((len(experts),), 1 / len(experts)))
+             else torch.full((len(experts),), 1 / len(experts), device=weight.device))
     with torch.no_grad():
-        base = nn.Parameter(sum(w * e.weight for w, e in zip(usage, experts)).clone())
+        base = nn.Parameter(_weighted_sum(usage, [e.weight for e in experts]))
         new = []
         for expert in experts:
-            delta = BaseDeltaLinear(expert.in_features, expert.out_features, rank)
-            u, s, vh = torch.linalg.svd((expert.weight - base).double(), full_matrices=False)
+            delta = BaseDeltaLinear(expert.in_features, expert.out_features, rank,
+                                    bias=expert.bias is not None, device=weight.device, dtype=weight.dtype)
+            u, s, vh = torch.linalg.svd(expert.weight.double() - base.double(), full_matrices=False)
             root = s[:rank].sqrt()
-            delta.delta_in.copy_((root[:, None] * vh[:rank]).float())
-            delta.delta_out.copy_((u[:, :rank] * root).float())
-            delta.bias.copy_(expert.bias)
+            delta.delta_in.copy_(root[:, None] * vh[:rank])
+            delta.delta_out.copy_(u[:, :rank] * root)
+            if expert.bias is not None:
+                delta.bias.copy_(expert.bias)
             delta.base = base  # one tensor shared by every expert
             new.append(delta)
     setattr(layer, name, nn.ModuleList(new))

@@ -166,9 +166,23 @@ def mixture_layers(model: nn.Module) -> list[tuple[str, MixtureLayer]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MixtureLayer)]
 
 
+def routing_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a layer routes in: ``dtype``, but at least float32.
+
+    Router logits come out of the router in the layer's dtype; softmax, top-k, gates and the
+    auxiliary losses are then computed in float32 for bfloat16 / float16 layers (as Hugging
+    Face's Mixtral and Qwen-MoE blocks do: a bfloat16 softmax has 3 significant digits, which
+    ties and flips close expert choices) and in float64 for float64 layers. The gates are cast
+    to the experts' dtype only when they weight the expert outputs.
+    """
+    return torch.promote_types(dtype, torch.float32)
+
+
 def dense_routing(logits: torch.Tensor) -> Routing:
     """Routing of a dense mixture from ``(n, E)`` logits: every expert is used, gates are the
-    softmax, listed from the largest gate down (so ``indices[:, 0]`` is each token's first choice)."""
+    softmax (in :func:`routing_dtype`), listed from the largest gate down (so ``indices[:, 0]``
+    is each token's first choice)."""
+    logits = logits.to(routing_dtype(logits.dtype))
     probs = logits.softmax(dim=-1)
     gates, indices = probs.sort(dim=-1, descending=True)
     return Routing(logits=logits, probs=probs, gates=gates, indices=indices)

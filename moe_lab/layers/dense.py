@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from moe_lab._checks import last_dim, positive_int
 from moe_lab.layers.activations import get_activation
-from moe_lab.layers.base import MixtureLayer, dense_routing
+from moe_lab.layers.base import MixtureLayer, dense_routing, routing_dtype
 from moe_lab.layers.registry import register_layer
 from moe_lab.layers.routing import Routing
 
@@ -27,7 +27,8 @@ def dense_mixture(x: torch.Tensor, gates: torch.Tensor, experts: nn.ModuleList,
 
     Plain ``nn.Linear`` experts run as one matmul against their concatenated weights; any
     other expert module (low-rank, quantized...) is called on ``x``. A batched product with
-    the ``(n, E)`` gates then mixes the ``(n, E, h)`` expert outputs into ``(n, h)``.
+    the ``(n, E)`` gates (cast to the experts' dtype) then mixes the ``(n, E, h)`` expert
+    outputs into ``(n, h)``.
     """
     if all(type(expert) is nn.Linear for expert in experts):
         weight = torch.cat([expert.weight for expert in experts])
@@ -37,7 +38,7 @@ def dense_mixture(x: torch.Tensor, gates: torch.Tensor, experts: nn.ModuleList,
         hidden = torch.stack([expert(x) for expert in experts], dim=1)
     if activation is not None:
         hidden = activation(hidden)
-    return torch.bmm(gates.unsqueeze(1), hidden).squeeze(1)
+    return torch.bmm(gates.to(hidden.dtype).unsqueeze(1), hidden).squeeze(1)
 
 
 @register_layer(aliases=("SoftMoE",))
@@ -72,9 +73,11 @@ class DenseMoE(MixtureLayer):
         self.output = nn.Linear(expert_size, output_size)
 
     def gate_probs(self, x: torch.Tensor) -> torch.Tensor:
-        """Gate weights ``(..., E)`` for ``x`` of shape ``(..., d)``; each row sums to one."""
+        """Gate weights ``(..., E)`` for ``x`` of shape ``(..., d)``; each row sums to one
+        (in :func:`~moe_lab.layers.base.routing_dtype`: at least float32)."""
         last_dim("x", x, self.config["input_size"])
-        return self.gating(x).softmax(dim=-1)
+        logits = self.gating(x)
+        return logits.softmax(dim=-1, dtype=routing_dtype(logits.dtype))
 
     def route(self, x: torch.Tensor) -> Routing:
         """Every expert, gated by the softmax of the router (:func:`~moe_lab.layers.base.dense_routing`)."""
@@ -122,9 +125,10 @@ class SharedTrunkMoE(MixtureLayer):
         self.output = nn.Linear(expert_size, output_size)
 
     def gate_probs(self, x: torch.Tensor) -> torch.Tensor:
-        """Gate weights ``(..., E)`` for ``x`` of shape ``(..., input_size)``."""
+        """Gate weights ``(..., E)`` for ``x`` of shape ``(..., input_size)`` (at least float32)."""
         last_dim("x", x, self.config["input_size"])
-        return self.gating(x).softmax(dim=-1)
+        logits = self.gating(x)
+        return logits.softmax(dim=-1, dtype=routing_dtype(logits.dtype))
 
     @property
     def experts(self) -> nn.ModuleList:

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from moe_lab._checks import last_dim, positive_int
 from moe_lab.layers.activations import get_activation
-from moe_lab.layers.base import MixtureLayer
+from moe_lab.layers.base import MixtureLayer, routing_dtype
 from moe_lab.layers.dispatch import routed_mixture
 from moe_lab.layers.registry import register_layer
 from moe_lab.layers.routing import Routing, load_balancing_loss, plan_dispatch, router_z_loss, top_k_routing
@@ -83,13 +83,12 @@ class SwiGLUMoE(MixtureLayer):
             self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
 
     def route(self, x: torch.Tensor) -> Routing:
-        """Routing for ``x`` ``(..., H)`` flattened to ``n`` tokens (softmax in float32)."""
+        """Routing for ``x`` ``(..., H)`` flattened to ``n`` tokens (in at least float32:
+        :func:`~moe_lab.layers.base.routing_dtype`)."""
         last_dim("x", x, self.config["hidden_size"])
         logits = self.gate(x.reshape(-1, x.shape[-1]))
-        routing = top_k_routing(logits.float(), self.k, routing="softmax_topk",
-                                normalize=self.config["normalize"])
-        routing.gates = routing.gates.to(x.dtype)
-        return routing
+        return top_k_routing(logits.to(routing_dtype(logits.dtype)), self.k, routing="softmax_topk",
+                             normalize=self.config["normalize"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routing = self.route(x)

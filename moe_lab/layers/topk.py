@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from moe_lab._checks import finite_float, last_dim, positive_int
 from moe_lab.layers.activations import get_activation
-from moe_lab.layers.base import MixtureLayer
+from moe_lab.layers.base import MixtureLayer, routing_dtype
 from moe_lab.layers.dispatch import routed_mixture
 from moe_lab.layers.registry import register_layer
 from moe_lab.layers.routing import (
@@ -49,7 +49,10 @@ class TopKMoE(MixtureLayer):
         balance_loss_weight: ``alpha`` of the Switch load-balancing loss.
         z_loss_weight: weight of the ST-MoE router z-loss.
 
-    Shapes: ``x`` is ``(..., input_size)``; the result is ``(..., output_size)``.
+    Shapes: ``x`` is ``(..., input_size)``; the result is ``(..., output_size)``, in ``x``'s dtype.
+    Routing (softmax, top-k, gates, auxiliary losses) runs in at least float32, as in Hugging
+    Face's Mixtral (:func:`~moe_lab.layers.base.routing_dtype`); the gates are cast to the
+    experts' dtype when they weight the expert outputs.
 
     After each forward the layer holds (for the ``n`` tokens of that call):
         ``load_balancing_loss``: ``alpha * E * sum_i f_i P_i`` (equals ``alpha`` when uniform),
@@ -97,8 +100,9 @@ class TopKMoE(MixtureLayer):
         last_dim("x", x, self.config["input_size"])
         flat = x.reshape(-1, x.shape[-1])
         logits = self.gating(flat)
+        logits = logits.to(routing_dtype(logits.dtype))
         if self.config["noisy_gating"] and self.training:
-            logits = noisy_logits(logits, self.noise_gating(flat))
+            logits = noisy_logits(logits, self.noise_gating(flat).to(logits.dtype))
         return top_k_routing(logits, self.k, routing=self.config["routing"],
                              normalize=self.config["normalize"])
 

@@ -17,18 +17,21 @@ class BaseDeltaLinear(CompactLinear):
 
     ``base`` is a parameter that several experts hold (the same tensor, stored once);
     ``delta_in`` is ``A`` ``(rank, in)`` and ``delta_out`` is ``B`` ``(out, rank)``.
+    ``device`` and ``dtype`` place the parameters, as for ``nn.Linear`` (not part of ``config``).
     Shapes: ``x`` is ``(..., in_features)``; the result is ``(..., out_features)``.
     """
 
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True):
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, *,
+                 device=None, dtype=None):
         super().__init__()
         factor_sizes(in_features, out_features, rank)
         self.config = dict(in_features=in_features, out_features=out_features, rank=rank, bias=bias)
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.base = nn.Parameter(torch.zeros(out_features, in_features))
-        self.delta_in = nn.Parameter(torch.zeros(rank, in_features))
-        self.delta_out = nn.Parameter(torch.zeros(out_features, rank))
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        where = dict(device=device, dtype=dtype)
+        self.base = nn.Parameter(torch.zeros(out_features, in_features, **where))
+        self.delta_in = nn.Parameter(torch.zeros(rank, in_features, **where))
+        self.delta_out = nn.Parameter(torch.zeros(out_features, rank, **where))
+        self.bias = nn.Parameter(torch.zeros(out_features, **where)) if bias else None
 
     @property
     def weight(self) -> torch.Tensor:

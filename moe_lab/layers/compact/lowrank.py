@@ -18,18 +18,20 @@ class LowRankLinear(CompactLinear):
     than ``nn.Linear`` only when ``rank < in * out / (in + out)``. Attribute names ``U`` and
     ``V`` follow the deck's ``LowRankExpert``.
 
-    Shapes: ``x`` is ``(..., in_features)``; the result is ``(..., out_features)``.
+    ``device`` and ``dtype`` place the factors, as for ``nn.Linear`` (they are not part of
+    ``config``). Shapes: ``x`` is ``(..., in_features)``; the result is ``(..., out_features)``.
     """
 
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True):
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, *,
+                 device=None, dtype=None):
         super().__init__()
         factor_sizes(in_features, out_features, rank)
         self.config = dict(in_features=in_features, out_features=out_features, rank=rank, bias=bias)
         self.in_features = in_features
         self.out_features = out_features
         self.rank = rank
-        self.U = nn.Linear(in_features, rank, bias=False)
-        self.V = nn.Linear(rank, out_features, bias=bias)
+        self.U = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.V = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
 
     @property
     def weight(self) -> torch.Tensor:
