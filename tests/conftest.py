@@ -25,3 +25,15 @@ def data_dir():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_configure(config):
+    """Register the stand-in ``fake`` device before any test runs a backward pass: PyTorch's
+    autograd engine sizes its per-device queues on its first backward, so a backend registered
+    after that cannot run backward (an internal assert), whatever order tests run in."""
+    from fake_device import fake_device  # tests/ is on sys.path (rootdir-relative conftest)
+
+    try:
+        fake_device()
+    except RuntimeError:  # this PyTorch cannot host it: the tests that need it skip themselves
+        pass
