@@ -7,7 +7,7 @@ JOBS ?= 2
 # Notebooks run in parallel workers; one BLAS thread each keeps 2 cores from thrashing.
 TEST_ENV := MOE_LAB_PROFILE=ci OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 MPLBACKEND=Agg
 
-.PHONY: install lab test unit notebooks bench bench-hf study lint clean
+.PHONY: install lab test unit notebooks bench bench-hf bench-compressed study lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ bench: install
 
 bench-hf: install
 	$(BIN)/python bench/hf_dispatch.py
+
+bench-compressed: install
+	$(BIN)/python bench/compressed.py
 
 # A headless compression study; override TASK, RECIPE, PROFILE or OUT on the command line.
 TASK ?= synthetic

@@ -224,7 +224,7 @@ def test_gptq_quantize_builds_a_quantized_linear(bits, group_size):
     assert torch.equal(layer.scales.float(), scales)
     probe = torch.randn(5, 64)
     expected = F.linear(probe, dequantize_tensor(values, scales), linear.bias.detach().bfloat16().float())
-    assert torch.equal(layer(probe), expected)
+    torch.testing.assert_close(layer(probe), expected, rtol=1e-5, atol=1e-6)  # same sums, other order
     rtn_layer = QuantizedLinear.from_linear(linear, bits, group_size)
     assert output_error(linear.weight, layer.weight, x) < output_error(linear.weight, rtn_layer.weight, x)
     from_accumulator = gptq_quantize(linear, HessianAccumulator(64).add(x), bits, group_size, act_order=True)

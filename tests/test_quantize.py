@@ -177,6 +177,26 @@ def test_forward_adds_nothing_to_the_saved_state_and_runs_on_meta():
     assert on_meta.device.type == "meta" and on_meta.shape == (5, 8)
 
 
+def test_unpacked_values_are_cached_until_qweight_changes():
+    a, b = (QuantizedLinear.from_linear(nn.Linear(32, 8), 4, 16) for _ in range(2))
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        first = a(x)
+        assert a._unpacked[0] is a.qweight and torch.equal(a._unpacked[2], unpack_bits(a.qweight, 4, 32))
+        a.load_state_dict(b.state_dict())  # copies in place: qweight's version moves on
+        assert torch.equal(a(x), b(x)) and not torch.equal(a(x), first)
+        a.qweight.copy_(pack_bits(-unpack_bits(a.qweight, 4, 32), 4))  # any in-place write
+        torch.testing.assert_close(a(x), 2 * b.bias.float() - b(x))
+        a.to("meta")(x.to("meta"))  # a new tensor: rebuilt on the new device
+        assert a._unpacked[0] is a.qweight and a._unpacked[2].device.type == "meta"
+        expected = b(x)
+        b.cache_codes = False  # memory at the packed size: unpacked on every call
+        assert torch.equal(b(x), expected) and b._unpacked is None
+        with torch.inference_mode():  # inference tensors have no version to check: never cached
+            c = QuantizedLinear.from_linear(nn.Linear(32, 8), 4, 16)
+            assert c(x).shape == (3, 8) and c._unpacked is None
+
+
 @pytest.mark.parametrize("bits, group_size", [(8, None), (4, 32), (3, 16), (2, None)])
 def test_quantized_linear_keeps_the_trained_weights(bits, group_size):
     linear = nn.Linear(64, 16)

@@ -29,9 +29,14 @@ Weights are quantized in float32: float64 weights beyond float32's range are ref
 Speed: the layer never keeps a float copy of its weight. ``forward`` dequantizes a block of rows
 (``BLOCK_BYTES`` of float) at a time into a small buffer that stays in cache and multiplies the
 input by it straight into the output's columns, so the weight crosses memory once, as integers.
-At one token that is as fast as the float layer on a CPU (``bench/compressed.py``); it is not
-faster, because the matmul still reads a float block: bytes buy speed only with a kernel that
-multiplies by the integers directly (``torch._weight_int8pack_mm``, GPU kernels).
+Unpacking 2/3/4-bit values takes several passes in PyTorch's eager ops (slower than the matmul at
+one token), so by default (``cache_codes``) the unpacked int8 values are kept between calls: in
+memory a packed layer then holds one byte per weight more than it saves (int4: 1.5 bytes per
+weight instead of 0.5; float32 is 4), while the saved state and file stay packed. Set
+``layer.cache_codes = False`` to keep memory at the packed size and unpack on every call.
+On a CPU this makes the layer about as fast as the float one, not faster: the matmul still reads
+a float block. Bytes buy speed only with a kernel that multiplies by the integers directly
+(``torch._weight_int8pack_mm``, GPU kernels); see ``bench/compressed.py``.
 """
 
 from __future__ import annotations
@@ -179,12 +184,14 @@ class QuantizedLinear(CompactLinear):
 
     Buffers: ``qweight`` (int8 ``(out, in)``, or uint8 ``(out, ceil(in * bits / 8))``), ``scales``
     (bfloat16 ``(out, groups)``) and ``bias`` (bfloat16 ``(out,)``, if any). They are the whole saved
-    state; ``forward`` adds no cache. Shapes: ``x`` is ``(..., in_features)`` in any float dtype;
-    the result is ``(..., out_features)`` in ``x``'s dtype and equals
-    ``F.linear(x, weight.to(x.dtype), bias.to(x.dtype))`` up to the order of the float sums.
+    state: the unpacked values kept with ``cache_codes`` are a plain attribute, never saved.
+    Shapes: ``x`` is ``(..., in_features)`` in any float dtype; the result is ``(..., out_features)``
+    in ``x``'s dtype and equals ``F.linear(x, weight.to(x.dtype), bias.to(x.dtype))`` up to the
+    order of the float sums.
     """
 
     WEIGHT_IN_BUFFERS = True
+    cache_codes = True  # keep 2/3/4-bit values unpacked to int8 between calls (set False on a layer)
 
     def __init__(self, in_features: int, out_features: int, bits: int = 8,
                  group_size: int | None = None, bias: bool = True):
@@ -220,44 +227,63 @@ class QuantizedLinear(CompactLinear):
             layer.bias.copy_(bias)
         return layer
 
-    def _rows(self, start: int, stop: int, scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Rows ``start:stop`` of the weight, dequantized into ``out`` ``(stop - start, in)`` (whose
-        dtype, float32 or float64, holds every ``q * s`` exactly); ``scales`` already in that dtype."""
-        codes = self.qweight[start:stop]
-        if self.bits != 8:
-            codes = unpack_bits(codes, self.bits, self.in_features)
-        rows, groups = stop - start, scales.shape[1]
-        torch.mul(codes.reshape(rows, groups, -1), scales[start:stop].unsqueeze(-1),
-                  out=out.view(rows, groups, -1))
-        return out
+    def _codes(self) -> torch.Tensor:
+        """The int8 values ``(out, in)``: ``qweight`` itself at 8 bits, else unpacked from it. With
+        ``cache_codes`` the unpacked values are kept (a plain attribute, never saved) and reused while
+        ``qweight`` is the same tensor at the same version (``load_state_dict``, ``.to()`` and any
+        in-place write make it rebuild)."""
+        if self.bits == 8:
+            return self.qweight
+        cached = self.__dict__.get("_unpacked")
+        if (self.cache_codes and cached is not None and cached[0] is self.qweight
+                and cached[1] == self.qweight._version):
+            return cached[2]
+        codes = unpack_bits(self.qweight, self.bits, self.in_features)
+        keep = self.cache_codes and not self.qweight.is_inference()  # inference tensors have no version
+        self._unpacked = (self.qweight, self.qweight._version, codes) if keep else None
+        return codes
+
+    @staticmethod
+    def _scaled(block: torch.Tensor, scales: torch.Tensor, per_row: bool) -> torch.Tensor:
+        """``block`` (rows, in) of integer values, in place times its ``scales`` (rows, groups)."""
+        if not per_row:
+            rows, groups = scales.shape
+            block.view(rows, groups, -1).mul_(scales.unsqueeze(-1))
+        return block
 
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized float32 ``(out, in)`` weight."""
-        full = torch.empty(self.out_features, self.in_features, device=self.qweight.device)
-        return self._rows(0, self.out_features, self.scales.float(), full.float())
+        return dequantize_tensor(self._codes(), self.scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         last_dim("x", x, self.in_features)
-        exact = torch.float64 if x.dtype == torch.float64 else torch.float32  # q * s fits exactly
-        scales = self.scales.to(exact)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if torch.is_grad_enabled() and x.requires_grad:  # autograd cannot follow the out= writes below
-            full = torch.empty(self.out_features, self.in_features, dtype=exact, device=x.device)
-            return F.linear(x, self._rows(0, self.out_features, scales, full).to(x.dtype), bias)
-        flat = x.reshape(-1, self.in_features)
-        out = flat.new_empty(flat.shape[0], self.out_features)
+            return F.linear(x, self.weight.to(x.dtype), bias)
+        codes, flat, scales = self._codes(), x.reshape(-1, self.in_features), self.scales
+        exact = torch.float64 if x.dtype == torch.float64 else torch.float32  # holds every q * s exactly
+        # one scale per row: multiply the output columns by it instead of every weight (float16 cannot
+        # hold every bfloat16 scale, so there the weights are scaled in float32 first)
+        per_row = scales.shape[1] == 1 and x.dtype != torch.float16
         rows = self.out_features  # one block on accelerators; on a CPU, blocks that stay in cache
         if x.device.type == "cpu":
             rows = max(1, min(rows, BLOCK_BYTES // (4 * self.in_features)))
-        buffer = torch.empty(rows, self.in_features, dtype=exact, device=x.device)
-        for start in range(0, self.out_features, rows):
-            stop = min(start + rows, self.out_features)
-            block = self._rows(start, stop, scales, buffer[:stop - start]).to(x.dtype).t()
-            if bias is None:
-                torch.mm(flat, block, out=out[:, start:stop])
-            else:
-                torch.addmm(bias[start:stop], flat, block, out=out[:, start:stop])
+        blocks = range(0, self.out_features, rows)
+        if len(blocks) == 1:  # a small layer: fewer calls
+            out = torch.mm(flat, self._scaled(codes.to(exact), scales, per_row).to(x.dtype).t())
+        else:
+            out = flat.new_empty(flat.shape[0], self.out_features)
+            buffer = torch.empty(rows, self.in_features, dtype=exact, device=x.device)
+            for start in blocks:
+                stop = min(start + rows, self.out_features)
+                block = buffer[:stop - start].copy_(codes[start:stop])
+                block = self._scaled(block, scales[start:stop], per_row)
+                torch.mm(flat, block.to(x.dtype).t(), out=out[:, start:stop])
+        if per_row:
+            out.mul_(scales.t())
+        if bias is not None:
+            out.add_(bias)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
