@@ -5,9 +5,15 @@
 
 1. :func:`~moe_lab.layers.routing.plan_dispatch` sorts the ``n * k`` assignments by expert;
 2. each expert runs once on its block of tokens (``index_select`` of the rows it serves);
-3. its outputs, scaled by their gates, are added into a preallocated ``(n, out)`` buffer at
-   their tokens' rows (``index_add_``), one expert's block at a time, so the temporaries stay
-   small and cache-resident.
+3. its outputs, scaled by their gates (in place when autograd does not need them), are added
+   into a preallocated ``(n, out)`` buffer at their tokens' rows (``index_add_``), one expert's
+   block at a time, so the temporaries stay small and cache-resident.
+
+Measured alternatives that lost (``bench/dispatch.py`` sizes): collecting every expert's block
+with ``torch.cat`` and one ``index_add_`` (0.73-0.76 of the matmul floor against 0.85-0.88 for
+this loop, one thread, CPU time), and an ``index_copy_`` into a ``(n, k, out)`` buffer followed by
+a sum over ``k`` or a gate-weighted ``bmm`` (0.63-0.79). With the routed matmuls themselves as fast
+as the floor's, what is left is routing, sorting, one ``index_select`` and one ``index_add_``.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ def routed_mixture(flat: torch.Tensor, plan: DispatchPlan, experts: Sequence[Cal
     Args:
         flat: ``(n, d)`` tokens.
         plan: their assignments grouped by expert (``plan.counts[e]`` rows for expert ``e``).
-        experts: ``E`` callables ``(m, d) -> (m, out_features)``.
+        experts: ``E`` callables ``(m, d) -> (m, out_features)``, each returning a new tensor (or a
+            view of its input): without autograd its output is scaled in place.
         out_features: width of the experts' outputs.
 
     Returns ``(n, out_features)`` in ``flat``'s dtype and device; rows of tokens with no kept
@@ -39,5 +46,6 @@ def routed_mixture(flat: torch.Tensor, plan: DispatchPlan, experts: Sequence[Cal
     for expert, chunk, tokens, gates in blocks:
         if len(tokens):
             y = expert(chunk)
-            out.index_add_(0, tokens, (y * gates.to(y.dtype).unsqueeze(1)).to(out.dtype))
+            weights = gates.to(y.dtype).unsqueeze(1)
+            out.index_add_(0, tokens, (y * weights if y.requires_grad else y.mul_(weights)).to(out.dtype))
     return out
