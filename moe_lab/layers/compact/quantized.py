@@ -20,8 +20,8 @@ What :class:`QuantizedLinear` saves (its ``state_dict``, written by :func:`moe_l
   is self-consistent: no weight is clamped and every ``|w - q s| <= s / 2``, with ``s`` at most
   2**-7 above ``max|w| / q_max`` (the rounding of the scale costs no accuracy, only a step
   under 1% coarser).
-* ``bias``: bfloat16 ``(out,)``, for the same range at the same two bytes; its rounding (at most
-  2**-9 relative) is below the error of the quantized weights.
+* ``bias``: bfloat16 ``(out,)``, for the same range at the same two bytes, rounded to nearest (at
+  most 2**-9 relative; int8's step is 2**-7 of a row's largest weight).
 
 Weights are quantized in float32: float64 weights beyond float32's range are refused
 (``ValueError``), and below it (about 1e-45) they become zero.
@@ -31,11 +31,12 @@ Speed: the layer never keeps a float copy of its weight. ``forward`` dequantizes
 input by it straight into the output's columns, so the weight crosses memory once, as integers.
 Unpacking 2/3/4-bit values takes several passes in PyTorch's eager ops (slower than the matmul at
 one token), so by default (``cache_codes``) the unpacked int8 values are kept between calls: in
-memory a packed layer then holds one byte per weight more than it saves (int4: 1.5 bytes per
+memory a packed layer then holds its packed values plus one byte per weight (int4: 1.5 bytes per
 weight instead of 0.5; float32 is 4), while the saved state and file stay packed. Set
 ``layer.cache_codes = False`` to keep memory at the packed size and unpack on every call.
-On a CPU this makes the layer about as fast as the float one, not faster: the matmul still reads
-a float block. Bytes buy speed only with a kernel that multiplies by the integers directly
+On a CPU this brings the layer to about the float layer's time (within 1.3x at one token, equal
+at a prefill, in ``bench/compressed.py``), not below it: the matmul still multiplies float
+blocks. Bytes buy speed only with a kernel that multiplies by the integers directly
 (``torch._weight_int8pack_mm``, GPU kernels); see ``bench/compressed.py``.
 """
 
