@@ -9,7 +9,7 @@ TEST_ENV := MOE_LAB_PROFILE=ci OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 MPLBACKEND=Ag
 # Profile for `make site`, `make time` and `make study`: default (a 2-core laptop) or ci (small and fast).
 PROFILE ?= default
 
-.PHONY: install lab test unit notebooks site student time check bench bench-hf study lint clean
+.PHONY: install lab test unit notebooks site student time check bench bench-hf bench-compressed study lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,9 @@ bench: install
 
 bench-hf: install
 	$(BIN)/python bench/hf_dispatch.py
+
+bench-compressed: install
+	$(BIN)/python bench/compressed.py
 
 # A headless compression study; override TASK, RECIPE, PROFILE or OUT on the command line.
 TASK ?= synthetic

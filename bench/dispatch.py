@@ -36,7 +36,7 @@ NUM_EXPERTS, INPUT, HIDDEN, OUTPUT = 8, 256, 512, 256
 # Targets (E=8, k=2): speed-up over the deck loop, efficiency vs the matmul floor, time vs DenseMoE.
 TARGET_TOKENS = 4096
 MIN_SPEEDUP = 10.0
-MIN_EFFICIENCY = 0.6
+MIN_EFFICIENCY = 0.8
 MAX_SOFT_RATIO = 1.5 * 2 / NUM_EXPERTS  # within 1.5x of k/E
 
 
@@ -192,6 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     for t in targets:
         value = "-" if t["value"] is None else f"{t['value']:.3f}"
         print(f"  [{t['status']:>4}] {t['target']}: {value}")
+    bound = next((r for r in rows if r["tokens"] == TARGET_TOKENS and r["k"] == 2), None)
+    if bound is not None:
+        most = bound["floor_speedup_vs_deck"]
+        print(f"\nThe speed-up over the deck loop is at most deck / floor = {most:.1f}x here (a dispatch "
+              f"costing nothing); at the efficiency target {MIN_EFFICIENCY} it is "
+              f"{MIN_EFFICIENCY * most:.1f}x. "
+              + ("So the 10x target cannot be met on this machine at these sizes: the deck loop is "
+                 "bound by its matrix-vector arithmetic, not by Python."
+                 if most < MIN_SPEEDUP else "The 10x target is within reach."))
     elapsed = time.perf_counter() - start
     after = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     print(f"\ntotal {elapsed:.0f} s; load average after: {after:.2f}")

@@ -9,7 +9,7 @@ from moe_lab.layers.dense import DenseMoE
 
 
 def right(in_f, out_f, rank, bits):
-    def matrix(rows, cols):  # integer values + one float16 scale per row
+    def matrix(rows, cols):  # integer values + one bfloat16 scale per row
         return rows * (cols if bits == 8 else math.ceil(cols / 2)) + rows * 2
     return matrix(rank, in_f) + matrix(out_f, rank) + out_f * 2
 

@@ -8,7 +8,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe_lab.compress import quantize as quantize_module
 from moe_lab.compress.gptq import (
     HessianAccumulator,
     gptq_quantize,
@@ -17,6 +16,7 @@ from moe_lab.compress.gptq import (
     pack_bits,
     unpack_bits,
 )
+from moe_lab.layers.compact import quantized as quantize_module
 from moe_lab.layers.compact.quantized import QuantizedLinear, dequantize_tensor, pack_int4, quantize_tensor
 
 TIE = 1e-5  # a decision this close (relative) to a rounding tie may go either way in float32
@@ -27,10 +27,22 @@ def _tie_distance(ratio: torch.Tensor) -> torch.Tensor:
     return ((ratio - ratio.floor()) - 0.5).abs() / ratio.abs().clamp(min=1)
 
 
+def bfloat16_spacing(exact):
+    """The gap between consecutive bfloat16 values around ``exact`` (float64): 2**(e - 7) for a
+    normal value 2**e * 1.m, and the subnormals' 2**-133 below 2**-126."""
+    return 2.0 ** (torch.floor(torch.log2(exact.clamp(min=2.0 ** -126))) - 7)
+
+
+def stored_scale(exact):
+    """The library's scale for a float64 ``exact = max|w| / q_max``: the smallest bfloat16 >= it."""
+    ulp = bfloat16_spacing(exact)
+    return torch.ceil(exact / ulp) * ulp
+
+
 def reference_gptq(weight, hessian, bits, group_size, damp=0.01, act_order=False):
     """Algorithm 1 of Frantar et al. one column at a time in float64, with the full inverse Hessian's
     upper Cholesky factor. Returns values, scales and, per row, the closest call to a tie it made
-    (in the rounding of ``w / s`` or of a scale to float16)."""
+    (in the rounding of ``w / s`` or of a scale up to bfloat16)."""
     w, h = weight.double().clone(), hessian.double().clone()
     n = w.shape[1]
     q_max, g = 2 ** (bits - 1) - 1, group_size or n
@@ -43,9 +55,9 @@ def reference_gptq(weight, hessian, bits, group_size, damp=0.01, act_order=False
 
     def scale_of(columns):
         exact = columns.float().abs().amax(1).double() / q_max
-        ulp = 2.0 ** (torch.floor(torch.log2(exact.clamp(min=2.0 ** -14))) - 10)  # float16 spacing
-        closest.copy_(torch.minimum(closest, _tie_distance(exact / ulp)))
-        return exact.half().double()
+        # rounding up flips where exact / ulp crosses an integer (the library divides in float32)
+        closest.copy_(torch.minimum(closest, _tie_distance(exact / bfloat16_spacing(exact) + 0.5)))
+        return stored_scale(exact)
 
     scales = torch.stack([scale_of(w[:, k * g:(k + 1) * g]) for k in range(n // g)], 1)
     w, h = w[:, order], h[order][:, order]
@@ -67,10 +79,10 @@ def reference_gptq(weight, hessian, bits, group_size, damp=0.01, act_order=False
 
 
 def rtn(weight, bits, group_size):
-    """Round-to-nearest on the same grid for any width (``quantize_tensor`` stores only 4 and 8)."""
+    """Round-to-nearest on the same grid, written out here independently of ``quantize_tensor``."""
     q_max, out_features = 2 ** (bits - 1) - 1, weight.shape[0]
     groups = weight.float().reshape(out_features, -1, group_size or weight.shape[1])
-    scales = (groups.abs().amax(-1, keepdim=True) / q_max).half().float()
+    scales = stored_scale((groups.abs().amax(-1, keepdim=True) / q_max).double()).float()
     values = torch.round(groups / torch.where(scales == 0, 1.0, scales)).clamp(-q_max, q_max)
     return values.reshape(weight.shape).to(torch.int8), scales.squeeze(-1)
 
@@ -211,8 +223,8 @@ def test_gptq_quantize_builds_a_quantized_linear(bits, group_size):
     assert torch.equal(layer.qweight, pack_int4(values) if bits == 4 else values)
     assert torch.equal(layer.scales.float(), scales)
     probe = torch.randn(5, 64)
-    expected = F.linear(probe, dequantize_tensor(values, scales), linear.bias.detach().half().float())
-    assert torch.equal(layer(probe), expected)
+    expected = F.linear(probe, dequantize_tensor(values, scales), linear.bias.detach().bfloat16().float())
+    torch.testing.assert_close(layer(probe), expected, rtol=1e-5, atol=1e-6)  # same sums, other order
     rtn_layer = QuantizedLinear.from_linear(linear, bits, group_size)
     assert output_error(linear.weight, layer.weight, x) < output_error(linear.weight, rtn_layer.weight, x)
     from_accumulator = gptq_quantize(linear, HessianAccumulator(64).add(x), bits, group_size, act_order=True)

@@ -155,7 +155,7 @@ def test_bad_recipes_and_unsupported_models():
     with pytest.raises(ValueError, match="calibration_tokens"):
         compress_model(model, [Quantize(8)], torch.randn(2, 6))
     with pytest.raises(ValueError, match="bits must be one of"):
-        compress_model(model, [Quantize(3)], tokens)
+        compress_model(model, [Quantize(5)], tokens)
     dense = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
     with pytest.raises(ValueError, match="no supported MoE block"):

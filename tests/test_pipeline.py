@@ -74,7 +74,7 @@ def test_bad_pipelines():
     with pytest.raises(TypeError, match="compression stages"):
         compress(DenseMoE(2, 3, 4, 2), ["quantize"], torch.randn(2, 3))
     with pytest.raises(ValueError, match="bits must be one of"):
-        compress(DenseMoE(2, 4, 4, 2), [Quantize(3)], torch.randn(2, 4))
+        compress(DenseMoE(2, 4, 4, 2), [Quantize(5)], torch.randn(2, 4))
     with pytest.raises(ValueError, match="fraction must be a number in"):
         compress(DenseMoE(2, 4, 4, 2), [ExpertPrune(1.0)], torch.randn(2, 4))
     with pytest.raises(ValueError, match="does not shrink"):

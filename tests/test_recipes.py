@@ -16,8 +16,8 @@ def test_parse_recipe():
 
 
 @pytest.mark.parametrize("recipe, match", [
-    ("", "non-empty"), ("int3", "bits must be one of"),
-    ("quant8", "unknown recipe item 'quant8'"), ("prune-experts=x", "is not a float"),
+    ("", "non-empty"), ("int5", "bits must be one of"), ("quant8", "unknown recipe item 'quant8'"),
+    ("prune-experts=x", "is not a float"),
     ("prune-experts=1.5", "in \\[0, 1\\)"), ("lowrank=0", "energy or rank must be in"),
     ("finetune=1", "no compression stage"),
     ("merge=2.5", "is not a int"), ("finetune=0,int8", "epochs must be in"),

@@ -2,11 +2,12 @@
 column's rounding error onto the columns not yet rounded, so the layer's *output* on calibration
 inputs moves as little as possible.
 
-The grid and storage are those of :mod:`moe_lab.compress.quantize` (symmetric, no zero point):
-a weight ``(out, in)`` is cut into groups of ``group_size`` input columns (``None``: one group per
-row), each with a scale ``s`` (stored in float16) and integers ``q = clamp(round(w / s), -q_max, q_max)``,
-``q_max = 2 ** (bits - 1) - 1``. Only *which* integers are picked changes; round-to-nearest (RTN) is
-GPTQ with no error feedback.
+The grid and storage are those of :mod:`moe_lab.layers.compact.quantized` (symmetric, no zero
+point): a weight ``(out, in)`` is cut into groups of ``group_size`` input columns (``None``: one group
+per row), each with a scale ``s`` (stored in bfloat16, rounded up:
+:func:`~moe_lab.layers.compact.quantized.scales_for`) and integers
+``q = clamp(round(w / s), -q_max, q_max)``, ``q_max = 2 ** (bits - 1) - 1``. Only *which* integers are
+picked changes; round-to-nearest (RTN) is GPTQ with no error feedback.
 
 The loss GPTQ minimises for one row ``w`` is ``(w - w_q) H (w - w_q)^T`` with ``H = mean(x x^T)`` over the
 calibration tokens (:func:`hessian_from_inputs`, :class:`HessianAccumulator`; per-token weights such as
@@ -14,7 +15,7 @@ router gates weight the tokens, as MoEQuant does for experts).
 
 Choices, all documented where they are made:
 
-* Scales are rounded to float16 *before* rounding the weights, so the error fed back is the error of the
+* Scales are rounded (up) to bfloat16 *before* rounding the weights, so the error fed back is the error of the
   weight that is actually stored (RTN does the same, hence GPTQ with ``H = I`` equals RTN exactly).
 * Per-channel scales come from the whole row before any update. Group scales (``act_order=False``) come
   from the group's columns as they stand when the group's first column is reached, with *every* earlier
@@ -30,14 +31,15 @@ Choices, all documented where they are made:
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 
 from moe_lab._checks import finite_float, last_dim, positive_int
-from moe_lab.layers.compact import quantized as _quantize
-from moe_lab.layers.compact.quantized import SCALE_DTYPE, QuantizedLinear
+from moe_lab.layers.compact import quantized as _quantized
+from moe_lab.layers.compact.quantized import QuantizedLinear, pack_bits, scales_for, unpack_bits
+
+__all__ = ["GPTQ_BITS", "HessianAccumulator", "gptq_quantize", "gptq_quantize_weight", "hessian_from_inputs",
+           "pack_bits", "unpack_bits"]  # the packing helpers live with the storage format
 
 GPTQ_BITS = (2, 3, 4, 8)
 
@@ -70,8 +72,8 @@ def _check_arguments(weight, hessian, bits, group_size, damp, block_size) -> Non
 
 
 def _grid_scales(columns: torch.Tensor, q_max: int) -> torch.Tensor:
-    """Float16-representable float32 scales ``(..., 1)`` of ``columns`` ``(..., k)``, as RTN computes them."""
-    return (columns.abs().amax(dim=-1, keepdim=True) / q_max).to(SCALE_DTYPE).float()
+    """The stored (bfloat16) scales ``(..., 1)`` of ``columns`` ``(..., k)``, in float32, as RTN has them."""
+    return scales_for(columns.abs().amax(dim=-1, keepdim=True), q_max).float()
 
 
 def _round(column: torch.Tensor, scale: torch.Tensor, q_max: int) -> torch.Tensor:
@@ -106,7 +108,7 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int 
     """GPTQ-round a ``(out, in)`` weight (any float dtype) given the ``(in, in)`` input Hessian.
 
     Returns int8 ``values`` ``(out, in)`` in ``[-q_max, q_max]`` and float32 ``scales`` ``(out, groups)``
-    (float16-representable, so they are stored without change), on the weight's device; work is done
+    (bfloat16-representable, so they are stored without change), on the weight's device; work is done
     in float32. ``block_size`` only batches the updates (lazy block updates): it does not change the
     result beyond float rounding. Dead columns (``diag(H) = 0``: inputs always zero) are set to 0.
     """
@@ -140,51 +142,6 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int 
             block[:, i:] -= errors[:, i:i + 1] * u[j, j:i2]
         w[:, i2:] -= errors @ u[i1:i2, i2:]
     return values[:, torch.argsort(perm)].to(torch.int8), scales
-
-
-def _word(bits: int) -> tuple[int, int]:
-    """Values and bytes per packed word: the fewest values whose bits fill whole bytes."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise ValueError(f"bits must be an int in [1, 8], got {bits!r}")
-    common = math.gcd(8, bits)
-    return 8 // common, bits // common
-
-
-def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack signed ``bits``-bit integers into a little-endian bit stream along the last dimension:
-    int ``(..., m)`` in ``[-2**(bits-1), 2**(bits-1) - 1]`` -> uint8 ``(..., ceil(m * bits / 8))``.
-
-    Value ``i`` takes bits ``[i * bits, (i + 1) * bits)`` of its row's stream, lowest bit first: int2
-    packs 4 values a byte, int3 8 values in 3 bytes, and int4 is byte-for-byte :func:`pack_int4`.
-    """
-    per_word, word_bytes = _word(bits)
-    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    if values.is_floating_point() or values.dtype == torch.bool:
-        raise ValueError(f"values must be an integer tensor, got {values.dtype}")
-    if values.numel() and (values.min() < low or values.max() > high):
-        raise ValueError(f"values must lie in [{low}, {high}] for {bits} bits")
-    width = values.shape[-1]
-    codes = (values.to(torch.int64) & (2 ** bits - 1))
-    codes = torch.nn.functional.pad(codes, (0, -width % per_word)).unflatten(-1, (-1, per_word))
-    words = (codes << (bits * torch.arange(per_word, device=values.device))).sum(-1, keepdim=True)
-    stream = (words >> (8 * torch.arange(word_bytes, device=values.device))) & 0xFF
-    return stream.flatten(-2)[..., :(width * bits + 7) // 8].to(torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, bits: int, width: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: uint8 ``(..., ceil(width * bits / 8))`` -> int8 ``(..., width)``."""
-    per_word, word_bytes = _word(bits)
-    if isinstance(width, bool) or not isinstance(width, int) or width < 0:
-        raise ValueError(f"width must be a nonnegative int, got {width!r}")
-    if packed.dtype != torch.uint8 or packed.dim() == 0 or packed.shape[-1] != (width * bits + 7) // 8:
-        raise ValueError(f"packed must be uint8 with last dimension {(width * bits + 7) // 8} for "
-                         f"width {width} at {bits} bits, got {packed.dtype} {tuple(packed.shape)}")
-    stream = torch.nn.functional.pad(packed.to(torch.int64), (0, -packed.shape[-1] % word_bytes))
-    stream = stream.unflatten(-1, (-1, word_bytes))
-    words = (stream << (8 * torch.arange(word_bytes, device=packed.device))).sum(-1, keepdim=True)
-    codes = (words >> (bits * torch.arange(per_word, device=packed.device))) & (2 ** bits - 1)
-    codes = codes.flatten(-2)[..., :width]
-    return torch.where(codes >= 2 ** (bits - 1), codes - 2 ** bits, codes).to(torch.int8)
 
 
 class HessianAccumulator:
@@ -251,8 +208,8 @@ def gptq_quantize(linear: nn.Linear, inputs: torch.Tensor | HessianAccumulator, 
     token-weighted by ``weights`` ``(...)``) or a :class:`HessianAccumulator` already fed with them."""
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-    if bits not in _quantize.SUPPORTED_BITS:  # looked up now: the storage may learn more widths
-        raise ValueError(f"bits={bits!r}: QuantizedLinear stores only {_quantize.SUPPORTED_BITS} bits; "
+    if bits not in _quantized.SUPPORTED_BITS:  # looked up now: the storage may learn more widths
+        raise ValueError(f"bits={bits!r}: QuantizedLinear stores only {_quantized.SUPPORTED_BITS} bits; "
                          "use gptq_quantize_weight and pack_bits for other widths")
     if isinstance(inputs, HessianAccumulator):
         if weights is not None:

@@ -10,9 +10,9 @@ from moe_lab.exercises._feedback import NO_ANSWER, call, ready
 from moe_lab.layers.compact import QuantizedLinear
 
 HINT = ("Hint: a low-rank expert is two matrices, down (rank, in) without bias and up (out, rank) with an "
-        "(out,) float16 bias (2 bytes each). Quantized per output channel, each matrix stores its integer "
+        "(out,) bfloat16 bias (2 bytes each). Quantized per output channel, each matrix stores its integer "
         "values (1 byte each for int8; 2 values per byte for int4, a row of width w takes ceil(w / 2) bytes) "
-        "plus one float16 scale (2 bytes) per output row. Add the two matrices and the bias.")
+        "plus one bfloat16 scale (2 bytes) per output row. Add the two matrices and the bias.")
 
 CASES = [(32, 128, 4, 8), (128, 64, 16, 8), (32, 128, 5, 4), (33, 20, 7, 4), (64, 64, 1, 8)]
 
@@ -53,8 +53,8 @@ def check_expert_bytes(fn) -> bool:
         if got != want:
             dense = in_f * out_f * 4 + out_f * 4
             print(f"For in={in_f}, out={out_f}, rank={rank}, int{bits}: expected {want:,} bytes, got {got:,} "
-                  f"(the dense float32 expert is {dense:,}). Check the float16 scales (one per output row "
-                  "of each factor), the float16 bias (only on up), and for int4 that each row is packed "
+                  f"(the dense float32 expert is {dense:,}). Check the bfloat16 scales (one per output row "
+                  "of each factor), the bfloat16 bias (only on up), and for int4 that each row is packed "
                   "into ceil(width / 2) bytes.")
             return False
     print("Correct: your byte count matches the stored tensors in every case.")

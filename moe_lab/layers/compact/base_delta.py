@@ -39,4 +39,7 @@ class BaseDeltaLinear(CompactLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         last_dim("x", x, self.in_features)
-        return F.linear(x, self.base, self.bias) + F.linear(F.linear(x, self.delta_in), self.delta_out)
+        flat = x.reshape(-1, self.in_features)
+        out = F.linear(flat, self.base, self.bias)  # then the delta is accumulated in the same GEMM call
+        out.addmm_(F.linear(flat, self.delta_in), self.delta_out.t())
+        return out.reshape(*x.shape[:-1], self.out_features)
