@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from moe_lab.compress.registry import Stage
+from moe_lab.compress.registry import Stage, check_composition
 from moe_lab.compress.targets import moe_layers
 from moe_lab.measure import model_bytes, moe_bytes, param_count
 from moe_lab.training import train
@@ -87,6 +87,7 @@ def compress(model: nn.Module, stages: list, calibration: torch.Tensor, evaluate
         if not isinstance(stage, Stage):
             raise TypeError(f"stages must be compression stages (ExpertPrune, LowRank, Quantize, ...), "
                             f"got {type(stage).__name__}")
+    check_composition(stages)
     model = copy.deepcopy(model) if copy_model else model
     model.eval()
     report = CompressionReport(model=model)
