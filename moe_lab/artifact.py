@@ -420,13 +420,15 @@ def save(model: nn.Module, path: str | Path) -> Path:
 # --- loading -------------------------------------------------------------------------
 
 def _read_json(path: Path, limit: int, what: str):
+    if not path.is_file():  # a folder, a pipe or a device would block or mislead
+        raise _damaged(path, what, "is not a regular file")
     try:
         size = path.stat().st_size
         if size > limit:
             raise _damaged(path, what, f"{size:,} bytes is more than the {limit:,} a config may have")
         raw = path.read_bytes()
-    except IsADirectoryError:
-        raise _damaged(path, what, "is a folder, not a file") from None
+    except OSError as error:
+        raise _damaged(path, what, f"cannot be read ({error.strerror or error})") from None
     return _parse_json(raw, path, what)
 
 
@@ -494,8 +496,10 @@ def _modules(config: dict, path: Path) -> dict[str, tuple[dict, str]]:
 def _read_header(path: Path) -> tuple[dict[str, dict], int]:
     """The tensors a safetensors file declares, ``{name: {dtype, shape, begin, end}}``, and
     where its data starts; every count and offset checked against the file's size."""
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"no {WEIGHTS} in {path.parent}")
+    if not path.is_file():
+        raise _damaged(path, "the file", "is not a regular file")
     size = path.stat().st_size
     with open(path, "rb") as handle:
         head = handle.read(8)

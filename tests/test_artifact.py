@@ -464,3 +464,12 @@ def test_save_of_a_model_with_a_tensor_subclass_is_refused(tmp_path):
         warnings.simplefilter("ignore")
         with pytest.raises(TypeError, match="tensor subclass"):
             save(layer, tmp_path)
+
+
+def test_pipes_and_folders_in_place_of_files_are_refused(saved):
+    (saved / "config.json").unlink()
+    os.mkfifo(saved / "config.json")  # reading it would block forever
+    damaged(saved, "config.json", "not a regular file")
+    (saved / "config.json").unlink()
+    (saved / "config.json").mkdir()
+    damaged(saved, "config.json", "not a regular file")
