@@ -236,13 +236,13 @@ def _build(spec: dict, where: str) -> nn.Module:
     name, config = spec.get("class"), spec.get("config")
     if not isinstance(name, str):
         raise ValueError(f"{where}.class must be a class name (string), got {type(name).__name__}")
-    if not isinstance(config, dict):
-        raise ValueError(f"{where}.config must be an object of constructor arguments, got "
-                         f"{type(config).__name__}")
     classes = _loadable_classes()
     if not name.startswith(HF_PREFIX) and name not in classes:
         raise ValueError(f"{where}.class: cannot rebuild class {name!r}: load() knows {sorted(classes)} "
                          f"and {HF_PREFIX}<transformers model>")
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}.config must be an object of constructor arguments, got "
+                         f"{type(config).__name__}")
     if not name.startswith(HF_PREFIX):
         device = _device_field(config, f"{where}.config")
         if device:

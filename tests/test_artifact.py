@@ -473,3 +473,13 @@ def test_pipes_and_folders_in_place_of_files_are_refused(saved):
     (saved / "config.json").unlink()
     (saved / "config.json").mkdir()
     damaged(saved, "config.json", "not a regular file")
+
+
+def test_a_model_load_cannot_rebuild_says_so(tmp_path):
+    class Custom(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 2)
+
+    save(Custom(), tmp_path)  # any module saves; only registered classes load
+    damaged(tmp_path, "config.json", "cannot rebuild class 'Custom'")
