@@ -7,9 +7,8 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from moe_lab.compress.recipes import parse_recipe
     from moe_lab.data import DataNotFoundError
-    from moe_lab.study import TASKS, run_study
+    from moe_lab.study import TASKS, StudyError, run_study
 
     parser = argparse.ArgumentParser(prog="python -m moe_lab", description="moe_lab command line")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -21,23 +20,18 @@ def main(argv: list[str] | None = None) -> int:
                        help="e.g. prune-experts=0.25,lowrank=0.5,int8,finetune=1 (repeat for several)")
     study.add_argument("--profile", choices=("ci", "default"), default=None,
                        help="sizes to use (default: $MOE_LAB_PROFILE or 'default')")
-    study.add_argument("--out", required=True, help="folder for report.json, the models and pareto.png")
+    study.add_argument("--out", required=True, help="folder for report.json, the models and pareto.png "
+                                                    "(created; an earlier study's folder is replaced)")
     study.add_argument("--base", default=None, help="load the base model from this moe_lab artifact folder")
     study.add_argument("--data", default=None, help="data folder (default: $MOE_LAB_DATA, then data/)")
     study.add_argument("--seed", type=int, default=0)
     study.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-
-    for recipe in args.recipe:
-        try:
-            parse_recipe(recipe)
-        except ValueError as error:
-            parser.error(f"--recipe {recipe!r}: {error}")
     try:
         run_study(args.task, args.recipe, args.out, profile=args.profile, base=args.base, data_dir=args.data,
                   seed=args.seed, progress=not args.quiet)
-    except DataNotFoundError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (StudyError, DataNotFoundError) as error:
+        print("error: " + " ".join(str(error).split()), file=sys.stderr)  # one line
         return 2
     return 0
 

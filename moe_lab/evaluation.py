@@ -79,7 +79,10 @@ def report(models: dict[str, nn.Module], data, *, task: str = "classification", 
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if example is None:
-        example = next(iter(as_loader(data, 64, shuffle=False)))[0]
+        first = next(iter(as_loader(data, 64, shuffle=False)), None)
+        if first is None:
+            raise ValueError("data is empty: nothing to report on")
+        example = first[0]
     rows, first_bytes = [], None
     for name, model in models.items():
         quality, counts = _quality(model, data, task, batch_size, confidence)

@@ -25,9 +25,13 @@ import contextlib
 import torch
 import torch.nn as nn
 
+from moe_lab.artifact import import_transformers
 from moe_lab.compress.registry import Stage
 from moe_lab.compress.targets import replace_module
 from moe_lab.layers.swiglu import SwiGLUMoE
+
+with contextlib.suppress(ImportError):  # the optional extra; imported once, quietly, so that the
+    import_transformers()  # learner's own `transformers.MixtralForCausalLM` prints no torchao log lines
 
 SUPPORTED_BLOCKS = ("MixtralSparseMoeBlock", "OlmoeSparseMoeBlock", "Qwen2MoeSparseMoeBlock",
                     "Qwen3MoeSparseMoeBlock")

@@ -35,8 +35,15 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def as_loader(data, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
-    """A ``DataLoader`` for ``data`` (returned unchanged if it already is one)."""
+    """A ``DataLoader`` for ``data`` (returned unchanged if it already is one); ``ValueError``
+    if it holds no examples."""
     if isinstance(data, DataLoader):
+        try:
+            empty = len(data) == 0
+        except TypeError:  # an iterable dataset without a length: checked while iterating
+            empty = False
+        if empty:
+            raise ValueError("data is empty: the DataLoader yields no batches")
         return data
     if not (isinstance(data, (tuple, list)) and len(data) == 2
             and all(isinstance(t, torch.Tensor) for t in data)):
@@ -44,6 +51,8 @@ def as_loader(data, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader
     inputs, targets = data
     if len(inputs) != len(targets):
         raise ValueError(f"data: {len(inputs)} inputs but {len(targets)} targets")
+    if len(inputs) == 0:
+        raise ValueError("data is empty: no (input, target) examples")
     positive_int("batch_size", batch_size)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(TensorDataset(inputs, targets), batch_size=batch_size, shuffle=shuffle,
@@ -73,7 +82,8 @@ def train(model: nn.Module, data, *, epochs: int = 1, lr: float = 1e-3, batch_si
           transform=None, schedule: bool = False) -> list[float]:
     """Train ``model`` with AdamW; return the mean training loss of each epoch.
 
-    Stops early after ``max_steps`` optimiser steps if given. The loss includes every
+    Stops early after ``max_steps`` optimiser steps if given (``max_steps=0`` trains nothing
+    and returns ``[]``). The loss includes every
     ``TopKMoE`` layer's ``aux_loss`` (load balancing, z-loss) for that batch.
     ``transform(inputs)`` (e.g. :func:`moe_lab.data.augment_images`) is applied to each
     training batch; ``schedule=True`` decays the learning rate to zero with a cosine over
@@ -83,7 +93,11 @@ def train(model: nn.Module, data, *, epochs: int = 1, lr: float = 1e-3, batch_si
     finite_float("lr", lr, minimum=0.0, strict=True)
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if max_steps is not None and (type(max_steps) is not int or max_steps < 0):
+        raise ValueError(f"max_steps must be None or an int >= 0, got {max_steps!r}")
     loader = as_loader(data, batch_size, shuffle=True, seed=seed)
+    if max_steps == 0:
+        return []
     optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     total_steps = min(epochs * len(loader), max_steps or epochs * len(loader))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps) if schedule else None
@@ -108,7 +122,9 @@ def train(model: nn.Module, data, *, epochs: int = 1, lr: float = 1e-3, batch_si
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if max_steps is not None and steps >= max_steps:
                 break
-        history.append(total / max(count, 1))
+        if count == 0:
+            raise ValueError("data is empty: no batch to train on")
+        history.append(total / count)
         if max_steps is not None and steps >= max_steps:
             break
     model.eval()
@@ -138,7 +154,9 @@ def evaluate(model: nn.Module, data, *, task: str = "classification", batch_size
             correct += int((logits.argmax(-1) == targets).sum())
         count += n
     model.train(was_training)
-    mean_loss = loss_sum / max(count, 1)
+    if count == 0:
+        raise ValueError("data is empty: nothing to evaluate")
+    mean_loss = loss_sum / count
     if task == "classification":
-        return {"loss": mean_loss, "accuracy": correct / max(count, 1), "n": count}
+        return {"loss": mean_loss, "accuracy": correct / count, "n": count}
     return {"loss": mean_loss, "perplexity": math.exp(mean_loss), "n": count}

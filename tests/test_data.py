@@ -107,7 +107,9 @@ def test_download_route_writes_the_course_format(empty_cache, monkeypatch):
     monkeypatch.setattr(cifar, "_download", lambda target: real_download(target, 4, 2))
     data = load_cifar10()
     assert data.x_train.shape == (40, 32, 32, 3) and np.bincount(data.y_train).tolist() == [4] * 10
-    assert (empty_cache / "cifar10-subset.npz.sha256").is_file()
+    assert (empty_cache / "cifar10-torchvision.npz.sha256").is_file()  # its own name: not the course copy
+    assert not (empty_cache / "cifar10-subset.npz").exists()
+    assert load_cifar10().x_train.shape == (40, 32, 32, 3)  # found again, checked by its record
 
 
 def test_damaged_file_fails_its_checksum(tmp_path, data_dir):
@@ -157,7 +159,7 @@ def test_wikitext_download_route_writes_splits(empty_cache, monkeypatch):
 
     monkeypatch.setattr(wikitext, "_download", fake_download)
     data = load_wikitext2(verbose=False)
-    assert data.train_split == "train"
+    assert data.train_split == "train" and data.source == empty_cache / "wikitext-2-download"
     assert data.vocab.decode(data.train) == ["train", "words", "here", "<eos>"]
 
 
@@ -182,3 +184,66 @@ def test_augment_images_crops_and_flips_within_the_padding():
     assert all(torch.equal(same[i], images[i]) or torch.equal(same[i], images[i].flip(2)) for i in range(2))
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         augment_images(torch.zeros(3, 8, 8))
+
+
+def fake_cifar(path, label=0):
+    """A tiny file in the course layout, every label ``label``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        np.savez(handle, x_train=np.zeros((10, 32, 32, 3), np.uint8), y_train=np.full(10, label),
+                 x_test=np.zeros((10, 32, 32, 3), np.uint8), y_test=np.full(10, label),
+                 classes=np.array(cifar.CIFAR_CLASSES))
+
+
+def test_a_sidecar_cannot_override_the_known_hash(tmp_path, empty_cache):
+    fake = tmp_path / "cifar10-subset.npz"  # the course's name, other content (every label 0)
+    fake_cifar(fake)
+    paths.write_sidecar(fake)  # a matching record beside it
+    with pytest.raises(ValueError, match="not the course copy's") as error:
+        load_cifar10(tmp_path, download=False)
+    assert "Delete it" not in str(error.value)  # not our folder: says where downloads go instead
+    assert str(empty_cache) in str(error.value) and "MOE_LAB_DATA" in str(error.value)
+    (tmp_path / "wikitext-2").mkdir()
+    for split in ("valid", "test"):
+        (tmp_path / "wikitext-2" / f"{split}.txt").write_text("edited words\n")
+        paths.write_sidecar(tmp_path / "wikitext-2" / f"{split}.txt")
+    with pytest.raises(ValueError, match="not the course copy's"):
+        load_wikitext2(tmp_path, download=False)
+
+
+def test_a_damaged_download_says_delete_it(empty_cache):
+    download = empty_cache / "cifar10-torchvision.npz"
+    fake_cifar(download)
+    paths.write_sidecar(download)
+    assert load_cifar10(download=False).y_train.tolist() == [0] * 10
+    fake_cifar(download, label=3)  # changed after its record was written
+    with pytest.raises(ValueError, match="recorded when it was downloaded.*Delete it"):
+        load_cifar10(download=False)
+    (empty_cache / "cifar10-torchvision.npz.sha256").unlink()
+    with pytest.raises(ValueError, match="no known hash and no .* download record"):
+        load_cifar10(download=False)
+
+
+@pytest.mark.parametrize("value, offline", [
+    ("1", True), ("true", True), ("TRUE", True), ("yes", True), ("on", True), ("On", True), (" 1 ", True),
+    ("0", False), ("false", False), ("no", False), ("off", False), ("OFF", False), ("", False),
+])
+def test_offline_switch_values(monkeypatch, value, offline):
+    monkeypatch.setenv("MOE_LAB_OFFLINE", value)
+    assert paths.offline() is offline and paths.may_download(None) is (not offline)
+    assert paths.may_download(True) is True
+
+
+@pytest.mark.parametrize("value", ["2", "offline", "y", "nein"])
+def test_unclear_offline_values_are_refused(empty_cache, monkeypatch, value):
+    monkeypatch.setenv("MOE_LAB_OFFLINE", value)
+    with pytest.raises(ValueError, match="MOE_LAB_OFFLINE"):
+        load_cifar10()
+
+
+def test_missing_valid_split_is_named(tmp_path, empty_cache):
+    (tmp_path / "wikitext-2").mkdir()
+    (tmp_path / "wikitext-2" / "test.txt").write_text("a b\n")
+    with pytest.raises(DataNotFoundError) as error:
+        load_wikitext2(tmp_path, download=False)
+    assert str(error.value).startswith("WikiText-2 not found: no wikitext-2/valid.txt (or train.txt) in ")

@@ -58,7 +58,8 @@ def test_gradients_survive_the_in_place_gate_product(activation):
     grads = []
     for fn in (routed_mixture, loop_reference):
         fn(flat, plan, experts, 5).sin().sum().backward(retain_graph=True)
-        grads.append([flat.grad.clone(), logits.grad.clone()] + [p.grad.clone() for p in linears[0].parameters()])
+        grads.append([flat.grad.clone(), logits.grad.clone()]
+                     + [p.grad.clone() for p in linears[0].parameters()])
         flat.grad, logits.grad = None, None
         for linear in linears:
             linear.zero_grad()

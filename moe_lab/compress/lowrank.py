@@ -26,14 +26,23 @@ def _is_linear_like(module: nn.Module) -> bool:
 
 
 def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:
-    """Smallest rank whose singular values keep ``energy`` (in (0, 1]) of ``sum(s**2)``."""
+    """Smallest rank whose singular values keep ``energy`` (in (0, 1]) of ``sum(s**2)``, at
+    most ``len(singular_values)``. A zero matrix has no energy to keep: its rank is 1, the
+    smallest a factorisation can have (and it reproduces the zeros exactly)."""
     finite_float("energy", energy, minimum=0.0, strict=True)
     if energy > 1:
         raise ValueError(f"energy must be <= 1, got {energy}")
+    if singular_values.dim() != 1 or singular_values.numel() == 0:
+        raise ValueError(f"singular_values must be a non-empty 1-D tensor, got shape "
+                         f"{tuple(singular_values.shape)}")
     power = singular_values.double().square()
-    kept = torch.cumsum(power, 0) / power.sum().clamp_min(torch.finfo(torch.float64).tiny)
-    target = torch.tensor([energy - 1e-12], dtype=kept.dtype, device=kept.device)
-    return int(torch.searchsorted(kept, target)) + 1
+    if not torch.isfinite(power).all():
+        raise ValueError("singular_values must be finite (the matrix holds nan or inf)")
+    if power.sum() == 0:
+        return 1
+    kept = torch.cumsum(power, 0) / power.sum()
+    found = int(torch.searchsorted(kept, torch.tensor(energy, dtype=kept.dtype, device=kept.device) - 1e-12))
+    return min(found + 1, singular_values.numel())
 
 
 def low_rank_from_linear(linear: nn.Linear, rank: int | None = None, *, energy: float | None = None
@@ -102,6 +111,7 @@ class LowRank(Stage):
 
     rank: int | None = None
     energy: float | None = None
+    output_format = "lowrank"  # factorises float, quantized or sparse matrices (as float factors)
 
     def __post_init__(self):
         if (self.rank is None) == (self.energy is None):

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from moe_lab.compress.registry import Stage
+from moe_lab.compress.registry import Stage, check_composition
 from moe_lab.compress.targets import moe_layers
+from moe_lab.layers.compact.base import CompactLinear
 from moe_lab.measure import model_bytes, moe_bytes, param_count
 from moe_lab.training import train
 
@@ -56,8 +57,9 @@ class CompressionReport:
 
     Each record: ``stage``, ``bytes`` (whole model, saved), ``ratio`` (original / now),
     ``moe_bytes`` and ``moe_ratio`` (the MoE layers alone), ``params`` (trainable float
-    parameters left; quantized and sparse weights are buffers, counted in ``bytes``) and
-    ``metric`` (``evaluate(model)``, or ``None``).
+    parameters left; quantized and sparse weights are buffers, counted in ``bytes``),
+    ``params_logical`` and ``params_stored`` (see :func:`param_counts`) and ``metric``
+    (``evaluate(model)``, or ``None``).
     """
 
     model: nn.Module
@@ -71,6 +73,31 @@ class CompressionReport:
             lines.append(f"{r['stage']:<42} {r['bytes']:>10,} {r['ratio']:>6.2f} {r['moe_bytes']:>10,} "
                          f"{r['moe_ratio']:>9.2f} {metric:>8}")
         return "\n".join(lines)
+
+
+def param_counts(model: nn.Module) -> dict[str, int]:
+    """``params_logical``: the weights the model stands for, a quantized or sparse layer counted
+    at its full ``in * out`` (+ bias), so quantization does not change it while pruning,
+    merging and low-rank factors do; ``params_stored``: the numbers its artifact stores, every
+    entry of every saved tensor (float parameters, int8 values, packed int4 bytes, bitmask
+    bytes, scales). Shared tensors count once in both."""
+    logical, seen = 0, set()
+    for module in model.modules():
+        if isinstance(module, CompactLinear) and module.WEIGHT_IN_BUFFERS:
+            logical += 0 if id(module) in seen else module.logical_params()
+            seen.add(id(module))
+            continue
+        for p in module.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                logical += p.numel()
+    stored, saved = 0, set()
+    for t in model.state_dict().values():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if key not in saved:
+            saved.add(key)
+            stored += t.numel()
+    return {"params_logical": logical, "params_stored": stored}
 
 
 def compress(model: nn.Module, stages: list, calibration: torch.Tensor, evaluate=None,
@@ -87,6 +114,7 @@ def compress(model: nn.Module, stages: list, calibration: torch.Tensor, evaluate
         if not isinstance(stage, Stage):
             raise TypeError(f"stages must be compression stages (ExpertPrune, LowRank, Quantize, ...), "
                             f"got {type(stage).__name__}")
+    check_composition(stages)
     model = copy.deepcopy(model) if copy_model else model
     model.eval()
     report = CompressionReport(model=model)
@@ -100,7 +128,7 @@ def compress(model: nn.Module, stages: list, calibration: torch.Tensor, evaluate
             metric = None if evaluate is None else float(evaluate(model))
         report.records.append({"stage": stage_name, "bytes": size, "ratio": first["bytes"] / size,
                                "moe_bytes": moe, "moe_ratio": first["moe"] / moe,
-                               "params": param_count(model), "metric": metric})
+                               "params": param_count(model), **param_counts(model), "metric": metric})
 
     record("original")
     for stage in stages:

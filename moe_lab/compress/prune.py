@@ -247,6 +247,11 @@ class MagnitudePrune(Stage):
     sparsity: float
     scope: str = "layer"
     sparse_storage: bool = True
+    accepts = frozenset({"float", "lowrank"})  # zeros float weights, not quantized or sparse ones
+
+    @property
+    def output_format(self) -> str | None:
+        return "sparse" if self.sparse_storage else None
 
     def __post_init__(self):
         _check_sparsity(self.sparsity)

@@ -93,6 +93,8 @@ class Quantize(Stage):
 
     bits: int = 8
     group_size: int | None = None
+    accepts = frozenset({"float", "lowrank"})  # not sparse storage; quantizing twice does nothing
+    output_format = "quantized"
 
     def __post_init__(self):
         _check_bits_and_groups(self.bits, self.group_size, self.group_size or 1)

@@ -20,12 +20,13 @@ new technique's recipe item works here as soon as its stage is registered.
 
 from __future__ import annotations
 
-from moe_lab.compress.registry import Stage, number, parse_stage
+from moe_lab.compress.registry import Stage, check_composition, number, parse_stage
 
 
 def parse_recipe(recipe: str) -> tuple[list[Stage], int]:
     """Stages and fine-tune epochs (0 if none) for a recipe string; ``ValueError`` naming the
-    bad item otherwise. Every item is checked before anything runs."""
+    bad item otherwise. Every item, and the order of the items (see
+    :func:`~moe_lab.compress.registry.check_composition`), is checked before anything runs."""
     if not isinstance(recipe, str) or not recipe.strip():
         raise ValueError("recipe must be a non-empty string such as 'prune-experts=0.25,int8'")
     stages, finetune = [], 0
@@ -38,6 +39,10 @@ def parse_recipe(recipe: str) -> tuple[list[Stage], int]:
             stages.append(parse_stage(item))
     if not stages:
         raise ValueError(f"recipe {recipe!r} has no compression stage")
+    try:
+        check_composition(stages)
+    except ValueError as error:
+        raise ValueError(f"recipe {recipe!r}: {error}") from None
     return stages, finetune
 
 

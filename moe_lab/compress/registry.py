@@ -10,6 +10,11 @@ A stage is a small dataclass with ``name`` (for reports), ``recipe`` (its normal
 item), ``apply(model, calibration) -> model`` and ``from_recipe(**groups)`` (built from the
 named groups of its pattern). ``per_layer = True`` means it can be applied to one mixture
 layer on its own given that layer's inputs (what the Hugging Face bridge does block by block).
+
+Stages also say which expert storage formats (:data:`FORMATS`) they can start from
+(``accepts``) and which one they leave (``output_format``, ``None``: unchanged), so that
+:func:`check_composition` refuses a recipe such as ``int8,merge=2`` (merging needs float
+experts) before anything runs.
 """
 
 from __future__ import annotations
@@ -21,11 +26,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+FORMATS = ("float", "lowrank", "quantized", "sparse")  # how a stage leaves the expert matrices
+
 
 class Stage:
     """Base class of compression stages (see the module docstring)."""
 
     per_layer: bool = True
+    accepts: frozenset[str] = frozenset(FORMATS)  # expert formats this stage can be applied to
+    output_format: str | None = None  # the experts' format after it (None: as before)
 
     @property
     def name(self) -> str:  # pragma: no cover - abstract
@@ -102,3 +111,21 @@ def parse_stage(item: str) -> Stage:
             groups = {k: v for k, v in match.groupdict().items() if v is not None}
             return entry.cls.from_recipe(item, **groups)
     raise ValueError(f"unknown recipe item {item!r}; use {recipe_help()}, finetune=N")
+
+
+def check_composition(stages: list[Stage], start: str = "float") -> None:
+    """``ValueError`` if a stage cannot follow the ones before it (``start``: the experts' format
+    before the first stage), naming both and the order that works."""
+    current, made_by = start, None
+    for stage in stages:
+        if current not in stage.accepts:
+            needs = " or ".join(f for f in FORMATS if f in stage.accepts)
+            if made_by is None:
+                raise ValueError(f"{stage.recipe!r} needs {needs} experts, but they are {current}")
+            first, then = made_by.recipe, stage.recipe
+            if type(made_by) is type(stage):
+                raise ValueError(f"{then!r} after {first!r}: the experts are already {current}")
+            raise ValueError(f"{then!r} cannot come after {first!r}: it needs {needs} experts and {first!r} "
+                             f"leaves them {current}; put {then!r} first")
+        if stage.output_format is not None:
+            current, made_by = stage.output_format, stage

@@ -159,6 +159,7 @@ class MergeExperts(Stage):
     """Merge each MoE layer's experts into ``num_groups`` by output similarity."""
 
     num_groups: int
+    accepts = frozenset({"float"})  # averages nn.Linear experts: before low-rank, quantization, sparsity
 
     def __post_init__(self):
         positive_int("num_groups", self.num_groups)

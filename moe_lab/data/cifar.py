@@ -10,7 +10,8 @@ import torch
 
 from moe_lab.data import paths
 
-CIFAR_FILE = "cifar10-subset.npz"
+CIFAR_FILE = "cifar10-subset.npz"  # the course's copy (known sha256)
+CIFAR_DOWNLOAD = "cifar10-torchvision.npz"  # what load_cifar10 downloads itself (checked by its .sha256)
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
                  "truck")
 # Per-channel statistics of the CIFAR-10 training set (RGB, pixel values scaled to [0, 1]).
@@ -66,22 +67,26 @@ def load_cifar10(data_dir: str | Path | None = None, *, train_per_class: int | N
     """Load the CIFAR-10 subset (``cifar10-subset.npz``), downloading it if needed and allowed.
 
     ``train_per_class`` / ``test_per_class`` keep the first examples of each class (the
-    profile's sizes, for instance); ``None`` keeps all of them. The file is checked against
-    its sha256 before use.
+    profile's sizes, for instance); ``None`` keeps all of them. The course's copy is checked
+    against its known sha256; a copy downloaded here (``cifar10-torchvision.npz``, the same
+    layout built from torchvision's CIFAR-10) against the hash recorded when it was written.
     """
+    name = CIFAR_FILE
     path = paths.find(CIFAR_FILE, data_dir)
+    if path is None:
+        name, path = CIFAR_DOWNLOAD, paths.find(CIFAR_DOWNLOAD, data_dir)
     if path is None:
         if not paths.may_download(download):
             raise paths.missing("CIFAR-10", CIFAR_FILE, "torchvision.datasets.CIFAR10",
                                 "Downloads are off (download=False or MOE_LAB_OFFLINE).", data_dir)
-        path = paths.cache_dir() / CIFAR_FILE
+        path = paths.cache_dir() / CIFAR_DOWNLOAD
         try:
             _download(path)
         except Exception as error:  # network errors come in many types; all mean "not here"
             raise paths.missing("CIFAR-10", CIFAR_FILE, "torchvision.datasets.CIFAR10",
                                 f"The download failed ({type(error).__name__}: {error}).",
                                 data_dir) from None
-    paths.verify(path, CIFAR_FILE)
+    paths.verify(path, name)
     with np.load(path, allow_pickle=False) as arrays:
         train = balanced_subset(arrays["y_train"], train_per_class)
         test = balanced_subset(arrays["y_test"], test_per_class)

@@ -3,7 +3,13 @@
 A file is looked up, in order, in ``$MOE_LAB_DATA`` (if set) and in the cache folder: the
 repository's ``data/`` folder when ``moe_lab`` runs from a checkout, else
 ``~/.cache/moe_lab``. Downloads are written to the cache folder. Set ``MOE_LAB_OFFLINE=1``
-(or pass ``download=False``) to never try the network.
+(or ``true``, ``yes``, ``on``; or pass ``download=False``) to never try the network.
+
+Checks: a file under a course name (``cifar10-subset.npz``, ``wikitext-2/{valid,test}.txt``)
+must have the course copy's known sha256, wherever it is; nothing overrides that. What
+``moe_lab`` downloads itself is stored under its own names (``cifar10-torchvision.npz``,
+``wikitext-2-download/``) with a ``.sha256`` record written at download time, which catches
+a damaged download (not a deliberate edit: whoever can write the file can write its record).
 """
 
 from __future__ import annotations
@@ -21,6 +27,10 @@ KNOWN_SHA256 = {
     "wikitext-2/valid.txt": "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8",
     "wikitext-2/test.txt": "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0",
 }
+
+
+OFFLINE_VALUES = {"1": True, "true": True, "yes": True, "on": True,
+                  "0": False, "false": False, "no": False, "off": False, "": False}
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -65,17 +75,41 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _remedy(path: Path) -> str:
+    """What to do about a bad file: deleting it only helps where moe_lab downloads to."""
+    if _inside(path, cache_dir()) and os.access(path.parent, os.W_OK):
+        return f"Delete it (and any {path.name}.sha256 beside it) to download it again."
+    return (f"It is in a folder moe_lab does not manage: replace it with the course's copy, or point "
+            f"{DATA_ENV} elsewhere (or unset it) so that moe_lab downloads a fresh copy into {cache_dir()}.")
+
+
 def verify(path: Path, relative: str) -> Path:
-    """Check ``path`` against the known hash of ``relative`` or its ``.sha256`` sidecar."""
+    """Check ``path`` (found as ``relative``) against the course copy's known hash if
+    ``relative`` has one (authoritative: a ``.sha256`` beside it is ignored), else against the
+    ``.sha256`` record written when moe_lab downloaded it. ``ValueError`` otherwise."""
     actual = sha256(path)
+    known = KNOWN_SHA256.get(relative)
+    if known is not None:
+        if actual != known:
+            raise ValueError(f"{path} has sha256 {actual}, not the course copy's {known}: the file is "
+                             f"damaged or not the expected one. {_remedy(path)}")
+        return path
     sidecar = path.with_name(path.name + ".sha256")
-    expected = {KNOWN_SHA256.get(relative)}
-    if sidecar.is_file():
-        expected.add(sidecar.read_text().split()[0])
-    if actual not in expected:
-        raise ValueError(f"{path} has sha256 {actual}, which matches neither the course's copy nor "
-                         f"its download record: the file is damaged or not the expected one. "
-                         f"Delete it to download it again.")
+    if not sidecar.is_file():
+        raise ValueError(f"{path} has no known hash and no {sidecar.name} download record, so it cannot be "
+                         f"checked. {_remedy(path)}")
+    recorded = (sidecar.read_text(errors="replace").split() or [""])[0]
+    if actual != recorded:
+        raise ValueError(f"{path} has sha256 {actual}, not the {recorded!r} recorded when it was downloaded: "
+                         f"the file is damaged. {_remedy(path)}")
     return path
 
 
@@ -84,11 +118,21 @@ def write_sidecar(path: Path) -> None:
     path.with_name(path.name + ".sha256").write_text(f"{sha256(path)}  {path.name}\n")
 
 
+def offline() -> bool:
+    """``$MOE_LAB_OFFLINE`` as a switch: ``1/true/yes/on`` (any case) mean offline, ``0/false/no/off``
+    or empty or unset mean online; anything else is a ``ValueError`` naming the variable."""
+    value = os.environ.get(OFFLINE_ENV, "")
+    if value.strip().lower() not in OFFLINE_VALUES:
+        raise ValueError(f"{OFFLINE_ENV}={value!r} is not understood: use 1/true/yes/on to stay offline or "
+                         f"0/false/no/off to allow downloads")
+    return OFFLINE_VALUES[value.strip().lower()]
+
+
 def may_download(download: bool | None) -> bool:
-    """``download`` if given, else True unless ``$MOE_LAB_OFFLINE`` is set to a true value."""
+    """``download`` if given, else True unless ``$MOE_LAB_OFFLINE`` says offline (:func:`offline`)."""
     if download is not None:
         return bool(download)
-    return os.environ.get(OFFLINE_ENV, "").lower() not in {"1", "true", "yes"}
+    return not offline()
 
 
 def missing(what: str, relative: str, route: str, reason: str,

@@ -15,7 +15,8 @@ import torch
 
 from moe_lab.data import paths
 
-WIKITEXT_DIR = "wikitext-2"
+WIKITEXT_DIR = "wikitext-2"  # the course's copy (valid.txt and test.txt have known hashes)
+DOWNLOAD_DIR = "wikitext-2-download"  # what load_wikitext2 downloads itself (checked by .sha256 records)
 SPLITS = ("train", "valid", "test")
 EOS = "<eos>"
 UNK = "<unk>"
@@ -81,8 +82,23 @@ def _download(folder: Path) -> None:
         paths.write_sidecar(target)
 
 
-def _split_path(split: str, data_dir) -> Path | None:
-    return paths.find(f"{WIKITEXT_DIR}/{split}.txt", data_dir)
+def _split_path(split: str, data_dir) -> tuple[str, Path] | tuple[None, None]:
+    """``(relative name, path)`` of a split: the course's copy first, then a download."""
+    for folder in (WIKITEXT_DIR, DOWNLOAD_DIR):
+        path = paths.find(f"{folder}/{split}.txt", data_dir)
+        if path is not None:
+            return f"{folder}/{split}.txt", path
+    return None, None
+
+
+def _missing_splits(data_dir) -> str | None:
+    """The file(s) whose absence stops loading: ``test.txt``, or ``train.txt`` and ``valid.txt``."""
+    missing = []
+    if _split_path("test", data_dir)[1] is None:
+        missing.append("test.txt")
+    if _split_path("train", data_dir)[1] is None and _split_path("valid", data_dir)[1] is None:
+        missing.append("valid.txt (or train.txt)")
+    return " and ".join(f"{WIKITEXT_DIR}/{m}" for m in missing) or None
 
 
 def load_wikitext2(data_dir: str | Path | None = None, *, download: bool | None = None,
@@ -95,27 +111,27 @@ def load_wikitext2(data_dir: str | Path | None = None, *, download: bool | None 
     ``train_split``. The vocabulary comes from the training stream; test words outside it
     become ``<unk>``. ``max_*_tokens`` cut the streams (the profile's sizes, for instance).
     """
-    test_path = _split_path("test", data_dir)
-    train_path = _split_path("train", data_dir)
-    if test_path is None or (train_path is None and _split_path("valid", data_dir) is None):
+    lacking = _missing_splits(data_dir)
+    if lacking:
         if not paths.may_download(download):
-            raise paths.missing("WikiText-2", f"{WIKITEXT_DIR}/test.txt", "datasets: Salesforce/wikitext",
+            raise paths.missing("WikiText-2", lacking, "datasets: Salesforce/wikitext",
                                 "Downloads are off (download=False or MOE_LAB_OFFLINE).", data_dir)
         try:
-            _download(paths.cache_dir() / WIKITEXT_DIR)
+            _download(paths.cache_dir() / DOWNLOAD_DIR)
         except Exception as error:  # network errors come in many types; all mean "not here"
-            raise paths.missing("WikiText-2", f"{WIKITEXT_DIR}/test.txt", "datasets: Salesforce/wikitext",
+            raise paths.missing("WikiText-2", lacking, "datasets: Salesforce/wikitext",
                                 f"The download failed ({type(error).__name__}: {error}).",
                                 data_dir) from None
-        test_path, train_path = _split_path("test", data_dir), _split_path("train", data_dir)
+    test_name, test_path = _split_path("test", data_dir)
+    train_name, train_path = _split_path("train", data_dir)
     train_split = "train"
     if train_path is None:
-        train_split, train_path = "valid", _split_path("valid", data_dir)
+        train_split, (train_name, train_path) = "valid", _split_path("valid", data_dir)
         if verbose:
             print(f"WikiText-2: no train.txt in the data folder, so training on the validation "
                   f"split ({train_path}) and evaluating on the test split.")
-    for split, path in [(train_split, train_path), ("test", test_path)]:
-        paths.verify(path, f"{WIKITEXT_DIR}/{split}.txt")
+    for name, path in [(train_name, train_path), (test_name, test_path)]:
+        paths.verify(path, name)
     train_tokens = tokenize(train_path.read_text(encoding="utf-8"))[:max_train_tokens]
     test_tokens = tokenize(test_path.read_text(encoding="utf-8"))[:max_test_tokens]
     vocab = Vocabulary(train_tokens)

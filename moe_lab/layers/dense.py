@@ -33,7 +33,7 @@ def dense_mixture(x: torch.Tensor, gates: torch.Tensor, experts: nn.ModuleList,
     if all(type(expert) is nn.Linear for expert in experts):
         weight = torch.cat([expert.weight for expert in experts])
         bias = torch.cat([expert.bias for expert in experts])
-        hidden = F.linear(x, weight, bias).view(x.shape[0], len(experts), -1)
+        hidden = F.linear(x, weight, bias).view(x.shape[0], len(experts), experts[0].out_features)
     else:
         hidden = torch.stack([expert(x) for expert in experts], dim=1)
     if activation is not None:

@@ -85,18 +85,27 @@ def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor) -> torch.Ten
     everything goes to one expert. ``probs`` is ``(n, E)``, ``indices`` is ``(n, k)``.
     """
     num_experts = probs.shape[-1]
+    if indices.numel() == 0:  # no tokens: nothing is unbalanced (0, not 0/0 = nan), graph kept
+        return probs.sum() * 0
     counts = torch.bincount(indices.reshape(-1), minlength=num_experts)
     fraction = counts.to(probs.dtype) / indices.numel()
     return num_experts * (fraction * probs.mean(dim=0)).sum()
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """ST-MoE router z-loss without its weight: mean over tokens of ``logsumexp(logits)**2``."""
+    """ST-MoE router z-loss without its weight: mean over tokens of ``logsumexp(logits)**2``
+    (0 for no tokens)."""
+    if logits.shape[0] == 0:
+        return logits.sum() * 0
     return torch.logsumexp(logits, dim=-1).square().mean()
 
 
 def expert_capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: float) -> int:
     """Slots per expert: ``ceil(capacity_factor * num_tokens * k / num_experts)``."""
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
+        raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
+    positive_int("k", k)
+    positive_int("num_experts", num_experts)
     finite_float("capacity_factor", capacity_factor, minimum=0.0, strict=True)
     return math.ceil(capacity_factor * num_tokens * k / num_experts)
 

@@ -74,9 +74,9 @@ class SlotSoftMoE(MixtureLayer):
 
     def _check(self, x: torch.Tensor) -> None:
         last_dim("x", x, self.config["input_size"])
-        if x.dim() != 3 or x.shape[1] == 0:
-            raise ValueError(f"x must have shape (batch, tokens, {self.config['input_size']}) with at least "
-                             f"one token, got {tuple(x.shape)}")
+        if x.dim() != 3:
+            raise ValueError(f"x must have shape (batch, tokens, {self.config['input_size']}), "
+                             f"got {tuple(x.shape)}")
 
     def routing_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(dispatch, combine)``, both ``(batch, tokens, n)`` for ``x`` ``(batch, tokens, d)``.
@@ -101,9 +101,9 @@ class SlotSoftMoE(MixtureLayer):
         self._record(dense_routing(per_expert.clamp_min(torch.finfo(per_expert.dtype).tiny).log()))
         batch = x.shape[0]
         slots = dispatch.transpose(1, 2) @ x                        # (B, n, d): weighted token averages
-        slots = slots.view(batch, self.num_experts, self.slots_per_expert, -1)      # (B, E, S, d)
+        slots = slots.view(batch, self.num_experts, self.slots_per_expert, x.shape[-1])  # (B, E, S, d)
         outs = torch.stack([expert(slots[:, e]) for e, expert in enumerate(self.experts)], dim=1)
         if self._act is not None:
             outs = self._act(outs)                                  # (B, E, S, h)
-        mixed = combine @ outs.reshape(batch, self.num_slots, -1)   # (B, T, h): weighted slot averages
+        mixed = combine @ outs.reshape(batch, self.num_slots, outs.shape[-1])  # (B, T, h): slot averages
         return self.output(mixed)                                   # (B, T, o)
