@@ -69,4 +69,9 @@ def random_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32,
                 b.normal_(0, 0.1)
     if experts is not None:
         model.set_experts_implementation(experts)
-    return model.to(dtype).eval()
+    rotary = {name: b for name, b in model.named_buffers() if name.endswith("inv_freq")}
+    model.to(dtype)
+    for name, value in rotary.items():  # from_pretrained(dtype=...) keeps these in float32 too
+        owner, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, value)
+    return model.eval()
