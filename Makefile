@@ -34,6 +34,7 @@ bench: install
 
 bench-hf: install
 	$(BIN)/python bench/hf_dispatch.py
+	$(BIN)/python bench/hf_deepseek.py
 
 # A headless compression study; override TASK, RECIPE, PROFILE or OUT on the command line.
 TASK ?= synthetic

@@ -227,23 +227,23 @@ def test_family_options_match_a_dense_reference(family):
     assert layer.router_logits.shape == (60, 8)
 
 
-def test_float32_gates_weight_low_precision_outputs_in_float32():
-    """Mixtral multiplies bfloat16 expert outputs by float32 gates and rounds once; casting the
-    gates to bfloat16 first rounds twice and gives a different result."""
+def test_low_precision_outputs_are_weighted_and_summed_in_float32():
+    """Mixtral multiplies bfloat16 expert outputs by float32 gates, sums in float32 and rounds
+    once (transformers' default experts); casting the gates to bfloat16 first rounds more."""
     layer = family_layer("mixtral").bfloat16()
     x = torch.randn(200, 16).bfloat16()
     with torch.no_grad():
         routing = layer.route(x)
         assert routing.gates.dtype == torch.float32
-        expected = torch.zeros_like(x)
+        expected = torch.zeros(x.shape)
         cast_first = torch.zeros_like(x)
         for t in range(len(x)):
             for e, g in zip(routing.indices[t].tolist(), routing.gates[t]):
                 y = layer.experts[e](x[t:t + 1])[0]
-                expected[t] += (y.float() * g).bfloat16()
+                expected[t] += y.float() * g
                 cast_first[t] += y * g.bfloat16()
         out = layer(x)
-    assert torch.equal(out, expected)
+    assert torch.equal(out, expected.bfloat16())
     assert not torch.equal(out, cast_first)
 
 
