@@ -3,8 +3,10 @@
 Expert pruning and merging leave experts that are ordinary float matrices, only fewer of
 them: :func:`save_pretrained` writes them back into the family's own block layout and the
 config's expert count, so plain ``AutoModelForCausalLM.from_pretrained(folder)`` (and any
-engine that serves the family) loads the pruned model. Experts stored in a moe_lab format
-(int8/int4, low-rank, sparse, base + delta) have no such place; saving them raises an error
+engine that serves the family) loads the pruned model. int8 / int4 experts (``Quantize``) are
+written as a compressed-tensors checkpoint (:mod:`moe_lab.hf.compressed`), which transformers
+reads too, for the families published with one linear per expert. Experts stored in another
+moe_lab format (low-rank, sparse, base + delta) have no such place; saving them raises an error
 naming the stage, and :func:`moe_lab.save` / :func:`moe_lab.load` keep them instead.
 """
 
@@ -15,11 +17,14 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors.torch import save_file
 
 from moe_lab.hf.block import HFMoEBlock
+from moe_lab.hf.compressed import quantized_checkpoint
 from moe_lab.hf.convert import hf_state
 from moe_lab.hf.families import BY_NAME
 from moe_lab.hf.model import expert_counts, set_expert_counts
+from moe_lab.layers.compact.quantized import QuantizedLinear
 
 #: The stage that leaves each moe_lab expert storage behind.
 STAGE_OF = {"QuantizedLinear": "Quantize (int8/int4 weights)", "LowRankLinear": "LowRank",
@@ -28,12 +33,15 @@ STAGE_OF = {"QuantizedLinear": "Quantize (int8/int4 weights)", "LowRankLinear": 
 
 def _no_hf_format(name: str, error: TypeError, layer: nn.Module) -> ValueError:
     kinds = sorted({type(m).__name__ for m in layer.modules() if type(m).__name__ in STAGE_OF})
+    if len(kinds) > 1:  # int8/int4 factors of a low-rank expert, say: the other storage is the obstacle
+        kinds.remove("QuantizedLinear")
     stages = ", ".join(STAGE_OF[k] for k in kinds) or "a stage that changed the experts' storage"
     return ValueError(f"{name}: {error}. Its experts were stored by {stages}, which has no Hugging Face "
-                      f"checkpoint format that transformers reads here (transformers keeps a model's "
-                      f"experts as fused float tensors). Save it with moe_lab.save(model, folder) and "
-                      f"reload it with moe_lab.load, or call moe_lab.hf.save_pretrained before that stage "
-                      f"(expert pruning and merging alone give a standard checkpoint).")
+                      f"checkpoint format that transformers reads (it keeps a model's experts as fused "
+                      f"float tensors; only int8/int4 experts have one, compressed-tensors). Save it with "
+                      f"moe_lab.save(model, folder) and reload it with moe_lab.load, or call "
+                      f"moe_lab.hf.save_pretrained before that stage (expert pruning and merging alone give "
+                      f"a standard checkpoint).")
 
 
 def save_pretrained(model: nn.Module, folder: str | Path, **kwargs) -> Path:
@@ -43,12 +51,16 @@ def save_pretrained(model: nn.Module, folder: str | Path, **kwargs) -> Path:
     return the folder. ``kwargs`` go to transformers' ``save_pretrained``.
 
     Reloads with plain ``AutoModelForCausalLM.from_pretrained(folder)`` to the same outputs.
-    Raises ``ValueError`` if a block's experts are not plain float matrices (quantized,
-    low-rank, sparse: the message names the stage), if blocks were left with different expert
-    counts, or if a router can no longer be expressed by the family's config (DeepSeek-V3
-    groups of unequal size after pruning).
+    int8/int4 experts are written as a compressed-tensors checkpoint (reloading it needs the
+    ``compressed-tensors`` package; the reloaded experts are the dequantized weights moe_lab
+    computes with). Raises ``ValueError`` if a block's experts are stored otherwise (low-rank,
+    sparse: the message names the stage), if a family has no per-expert layout for int8/int4,
+    if blocks were left with different expert counts, or if a router can no longer be expressed
+    by the family's config (DeepSeek-V3 groups of unequal size after pruning).
     """
     names = [name for name, m in model.named_modules() if isinstance(m, HFMoEBlock)]
+    blocks = [(name, model.get_submodule(name).moe, BY_NAME[model.get_submodule(name).config["family"]])
+              for name in names]
     state = {key: value for key, value in model.state_dict().items()
              if not any(key.startswith(f"{name}.") for name in names)}
     config = copy.deepcopy(model.config)
@@ -56,23 +68,44 @@ def save_pretrained(model: nn.Module, folder: str | Path, **kwargs) -> Path:
         counts = expert_counts(model, names)
         if counts is None:
             raise ValueError("the MoE blocks have different numbers of experts (or k), which one "
-                             "Hugging Face "
-                             "config cannot say; save with moe_lab.save instead")
-        for name in names:
-            block = model.get_submodule(name)
-            try:
-                tensors = hf_state(block.moe, BY_NAME[block.config["family"]])
-            except TypeError as error:
-                raise _no_hf_format(name, error, block.moe) from None
-            state.update({f"{name}.{key}": value for key, value in tensors.items()})
-        set_expert_counts(config, model.get_submodule(names[0]).config["family"], *counts)
+                             "Hugging Face config cannot say; save with moe_lab.save instead")
+        set_expert_counts(config, blocks[0][2].name, *counts)
     with torch.device("meta"):  # the structure only: every tensor comes from ``state``
         fresh = type(model)(config)
+    folder = Path(folder)
+    if any(isinstance(m, QuantizedLinear) for _, layer, _ in blocks for m in layer.modules()):
+        return _save_quantized(model, fresh, blocks, state, folder)
+    for name, layer, family in blocks:
+        try:
+            tensors = hf_state(layer, family)
+        except TypeError as error:
+            raise _no_hf_format(name, error, layer) from None
+        state.update({f"{name}.{key}": value for key, value in tensors.items()})
     try:
         fresh.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as error:
         raise ValueError(f"cannot write a {type(model).__name__} checkpoint from this model: "
                          f"{error}") from None
-    folder = Path(folder)
     fresh.save_pretrained(folder, **kwargs)
+    return folder
+
+
+def _save_quantized(model: nn.Module, fresh: nn.Module, blocks: list, state: dict, folder: Path) -> Path:
+    """int8/int4 experts: a compressed-tensors checkpoint (config, generation config, weights)."""
+    for name, layer, _ in blocks:
+        kinds = {type(m).__name__ for m in layer.modules()} & (set(STAGE_OF) - {"QuantizedLinear"})
+        if kinds:
+            error = TypeError(f"its experts hold {', '.join(sorted(kinds))} modules")
+            raise _no_hf_format(name, error, layer)
+    tensors, fresh.config.quantization_config = quantized_checkpoint(fresh, blocks, state, model.dtype)
+    fresh.config.dtype = model.dtype  # what from_pretrained builds the float model in
+    if getattr(fresh.config, "tie_word_embeddings", False):
+        for tied in getattr(fresh, "_tied_weights_keys", None) or {}:
+            tensors.pop(tied, None)
+    folder.mkdir(parents=True, exist_ok=True)
+    fresh.config.save_pretrained(folder)
+    if fresh.can_generate():
+        fresh.generation_config.save_pretrained(folder)
+    save_file({key: value.detach().contiguous() for key, value in tensors.items()},
+              str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder

@@ -10,6 +10,7 @@ layer whose experts are still plain ``nn.Linear`` (pruned or merged, not quantiz
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -145,18 +146,21 @@ def from_hf(block: nn.Module, *, probe_tokens: int = PROBE_TOKENS) -> SwiGLUMoE:
     return layer.eval()
 
 
-def _plain_linear(module: nn.Module, where: str) -> nn.Linear:
+def plain_weight(module: nn.Module, where: str) -> torch.Tensor:
+    """The weight of a float ``nn.Linear``; ``TypeError`` for any other storage."""
     if type(module) is not nn.Linear:
         raise TypeError(f"{where} is a {type(module).__name__}, not a float nn.Linear")
-    return module
+    return module.weight
 
 
-def hf_state(layer: SwiGLUMoE, family: Family) -> dict[str, torch.Tensor]:
+def hf_state(layer: SwiGLUMoE, family: Family, weight: Callable[[nn.Module, str], torch.Tensor] = plain_weight
+             ) -> dict[str, torch.Tensor]:
     """The tensors of a ``family`` block (names relative to the block) holding ``layer``.
 
-    The layer's experts must be plain ``nn.Linear`` (``TypeError`` otherwise: a quantized,
-    low-rank or sparse expert has no place in the block's fused tensors), and its routing
-    must be one the family's block can express (``ValueError`` otherwise).
+    ``weight(linear, where)`` gives each linear's ``(out, in)`` matrix: by default the layer's
+    linears must be plain ``nn.Linear`` (``TypeError`` otherwise: a quantized, low-rank or sparse
+    expert has no place in the block's fused tensors). The routing must be one the family's
+    block can express (``ValueError`` otherwise).
     """
     c = layer.config
     groups = getattr(layer, "expert_group", None)
@@ -167,11 +171,10 @@ def hf_state(layer: SwiGLUMoE, family: Family) -> dict[str, torch.Tensor]:
             raise ValueError(f"the {family.name} router needs {c['n_group']} groups of equal size, but "
                              f"pruning or merging left groups of {sizes} experts: prune the same number of "
                              f"experts from every group, or keep the model with moe_lab.save")
-    experts = [{name: _plain_linear(getattr(e, name), f"experts.{i}.{name}")
-                for name in ("gate_up_proj", "down_proj")} for i, e in enumerate(layer.experts)]
-    gate_up = torch.stack([e["gate_up_proj"].weight for e in experts])  # (E, 2I, H), gate rows first
-    down = torch.stack([e["down_proj"].weight for e in experts])  # (E, H, I)
-    state = {}
+    experts = [{name: getattr(e, name) for name in ("gate_up_proj", "down_proj")} for e in layer.experts]
+    gate_up, down = (torch.stack([weight(e[name], f"experts.{i}.{name}") for i, e in enumerate(experts)])
+                     for name in ("gate_up_proj", "down_proj"))
+    state = {}  # gate_up: (E, 2I, H) with the gate rows first; down: (E, H, I)
     if family.layout == "interleaved":
         inner = gate_up.shape[1] // 2
         order = torch.stack([torch.arange(inner), torch.arange(inner) + inner], 1).reshape(-1)
@@ -182,19 +185,18 @@ def hf_state(layer: SwiGLUMoE, family: Family) -> dict[str, torch.Tensor]:
     if family.layout != "fused":
         gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
     state["experts.gate_up_proj"], state["experts.down_proj"] = gate_up, down
-    router = _plain_linear(layer.gate, "the router")
-    state[f"{family.router}.weight"] = router.weight
-    if router.bias is not None:
-        state[f"{family.router}.bias"] = router.bias
+    state[f"{family.router}.weight"] = weight(layer.gate, "the router")
+    if layer.gate.bias is not None:
+        state[f"{family.router}.bias"] = layer.gate.bias
     if c["routing"] == "sigmoid_group_topk":
         state[f"{family.router}.e_score_correction_bias"] = layer.e_score_correction_bias
     if family.shared is not None:
-        gate_up_proj = _plain_linear(layer.shared_expert.gate_up_proj, "the shared expert").weight
+        gate_up_proj = weight(layer.shared_expert.gate_up_proj, "the shared expert")
         inner = gate_up_proj.shape[0] // 2
         state[f"{family.shared}.gate_proj.weight"] = gate_up_proj[:inner]
         state[f"{family.shared}.up_proj.weight"] = gate_up_proj[inner:]
-        state[f"{family.shared}.down_proj.weight"] = _plain_linear(layer.shared_expert.down_proj,
-                                                                    "the shared expert").weight
+        shared_down = weight(layer.shared_expert.down_proj, "the shared expert")
+        state[f"{family.shared}.down_proj.weight"] = shared_down
     if family.shared_gate is not None:
-        state[f"{family.shared_gate}.weight"] = layer.shared_expert_gate.weight
+        state[f"{family.shared_gate}.weight"] = weight(layer.shared_expert_gate, "the shared expert gate")
     return {key: value.detach().contiguous() for key, value in state.items()}
