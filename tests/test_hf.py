@@ -2,6 +2,7 @@
 every supported family, refusals, compression in float32 and bfloat16, the router loss."""
 
 import copy
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from hf_tiny import FAMILIES, LOOKALIKES, VOCAB, random_model  # noqa: E402
 
 from moe_lab import load, model_bytes, save  # noqa: E402
 from moe_lab.compress import ExpertPrune, FineTune, LowRank, MergeExperts, Quantize  # noqa: E402
+from moe_lab.compress.registry import Stage  # noqa: E402
 from moe_lab.hf import HFMoEBlock, block_inputs, compress_model, family_of, from_hf, moe_blocks  # noqa: E402
 from moe_lab.layers.swiglu import SwiGLUMoE  # noqa: E402
 
@@ -144,6 +146,10 @@ def test_compressed_model_saves_and_reloads_with_moe_lab(family, tmp_path):
     loaded = load(save(model, tmp_path))
     with torch.no_grad():
         assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+        for m in (model, loaded):  # the router loss after merging, and after reloading
+            out = m(tokens, labels=tokens, output_router_logits=True)
+            assert [r.shape[-1] for r in out.router_logits] == [4, 4]
+            assert family not in ROUTER_LOSS or torch.isfinite(out.aux_loss)
 
 
 def test_moe_lab_round_trip_in_bfloat16(tmp_path):
@@ -155,6 +161,24 @@ def test_moe_lab_round_trip_in_bfloat16(tmp_path):
         pytest.skip("moe_lab.load rebuilds Hugging Face models in float32 (kept dtype: the artifact's work)")
     with torch.no_grad():
         assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+
+
+@dataclass
+class ToFloat32(Stage):
+    """A stage that forgets the model's dtype."""
+
+    name = recipe = "to float32"
+
+    def apply(self, layer, calibration):
+        return layer.float()
+
+
+def test_a_stage_that_changes_the_dtype_is_named():
+    model = random_model("qwen3_moe", dtype=torch.bfloat16)
+    named = (r"stage 'to float32' on model.layers.0.mlp did not keep the block's dtype and device "
+             r"\(torch.bfloat16 on cpu\): weights \['torch.float32'\]")
+    with pytest.raises(RuntimeError, match=named):
+        compress_model(model, [ToFloat32()], torch.randint(0, VOCAB, (2, 6)))
 
 
 def test_a_compressed_models_own_save_pretrained_refuses(tmp_path):

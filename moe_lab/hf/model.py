@@ -68,15 +68,24 @@ def _check_recipe(recipe) -> list:
 
 @torch.no_grad()
 def _check_kept(layer: nn.Module, x: torch.Tensor, stage: Stage, name: str) -> None:
-    """``RuntimeError`` naming ``stage`` if it moved the layer off ``x``'s device or changed the
-    dtype of its output."""
+    """``RuntimeError`` naming ``stage`` if it moved the layer off ``x``'s device, left float
+    parameters in another dtype, or made the layer's output another dtype."""
     devices = {t.device for t in [*layer.parameters(), *layer.buffers()]}
-    out = layer(x[:16])
-    forget_forward(layer)
-    if devices != {x.device} or out.dtype != x.dtype:
-        raise RuntimeError(f"stage {stage.name!r} on {name} did not keep the block's dtype and device: "
-                           f"input {x.dtype} on {x.device}, output {out.dtype}, weights on "
-                           f"{sorted(map(str, devices))}")
+    dtypes = {p.dtype for p in layer.parameters() if p.is_floating_point()}
+    problem = None
+    if devices != {x.device} or dtypes - {x.dtype}:
+        problem = f"weights {sorted(map(str, dtypes))} on {sorted(map(str, devices))}"
+    else:
+        try:
+            out = layer(x[:16])
+        except RuntimeError as error:  # e.g. float32 values stored in buffers meet bfloat16 inputs
+            out, problem = None, f"its forward fails: {error}"
+        forget_forward(layer)
+        if out is not None and out.dtype != x.dtype:
+            problem = f"output {out.dtype}"
+    if problem:
+        raise RuntimeError(f"stage {stage.name!r} on {name} did not keep the block's dtype and device "
+                           f"({x.dtype} on {x.device}): {problem}")
 
 
 def _configs(model: nn.Module) -> list:
