@@ -119,8 +119,8 @@ def pruned(family, *stages):
     return compress_model(random_model(family, **overrides), [ExpertPrune(0.25), *stages], TOKENS)
 
 
-@pytest.mark.parametrize("family", PER_EXPERT)
-@pytest.mark.parametrize("stage", [Quantize(8), Quantize(4, group_size=16)], ids=["int8", "int4-g16"])
+@pytest.mark.parametrize("family, stage", [*[(f, Quantize(8)) for f in PER_EXPERT],
+                                           ("mixtral", Quantize(4, group_size=16))])
 def test_quantized_experts_write_a_compressed_tensors_checkpoint(family, stage, tmp_path):
     save_pretrained(pruned(family, stage), tmp_path / "int")
     save_pretrained(pruned(family), tmp_path / "float")

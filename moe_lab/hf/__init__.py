@@ -10,7 +10,8 @@ outputs (checked on a probe batch every time), so the course's techniques apply;
 compressed layers back into the model (as :class:`~moe_lab.hf.block.HFMoEBlock`), which still
 runs ``forward``, ``generate`` and the router loss, and saves with :func:`moe_lab.save`
 (reloaded by :func:`moe_lab.load`). :func:`save_pretrained` writes pruned or merged models as
-standard checkpoints that plain transformers loads.
+standard checkpoints that plain transformers loads, and int8/int4 experts as compressed-tensors
+checkpoints (:mod:`moe_lab.hf.compressed`).
 
 Needs the optional extra ``hf`` (``pip install -e '.[hf]'``: transformers, accelerate).
 
