@@ -52,6 +52,7 @@ bench: install
 
 bench-hf: install
 	$(BIN)/python bench/hf_dispatch.py
+	$(BIN)/python bench/hf_deepseek.py
 
 bench-compressed: install
 	$(BIN)/python bench/compressed.py

@@ -19,6 +19,7 @@ Importing the package sets no global state (no seeds, threads or warnings filter
 
 import warnings
 
+import moe_lab.hf  # noqa: F401  (registers the Hugging Face block for moe_lab.load)
 from moe_lab.artifact import load, save
 from moe_lab.layers import (
     DenseMoE,

@@ -152,7 +152,8 @@ def prune_experts(layer: nn.Module, keep: list[int]) -> nn.Module:
         for name, value in layer.named_parameters(recurse=False):
             setattr(new, name, nn.Parameter(value.detach().clone(), value.requires_grad))
         for name, value in layer.named_buffers(recurse=False):
-            new.register_buffer(name, value.clone())
+            per_expert = name in layer.EXPERT_BUFFERS
+            new.register_buffer(name, value[index.to(value.device)].clone() if per_expert else value.clone())
     return new.train(layer.training)
 
 

@@ -123,6 +123,12 @@ def merge_experts(layer: nn.Module, x: torch.Tensor, num_groups: int,
             merged.out_features = len(groups)
         for param_name, value in layer.named_parameters(recurse=False):
             setattr(new, param_name, nn.Parameter(value.detach().clone(), value.requires_grad))
+        for buffer_name, value in layer.named_buffers(recurse=False):
+            if buffer_name in layer.EXPERT_BUFFERS:  # one entry per group: float ones averaged by
+                value = torch.stack([  # usage, others (a group id) from the most used member
+                    (usage[g] / usage[g].sum()).to(value.dtype) @ value[g] if value.is_floating_point()
+                    else value[g[int(usage[g].argmax())]] for g in groups])
+            new.register_buffer(buffer_name, value.clone())
     return new
 
 

@@ -22,7 +22,9 @@ interface (:class:`MixtureLayer`), never through its class name.
 Class attributes name the parts generic tools need: ``ROUTERS`` (child linears with one row
 per expert: pruned and merged together with the experts), ``GATES`` (other routing linears,
 e.g. a shared expert's gate: kept in float, never pruned by expert), ``EXPERTS`` (the
-attribute holding the experts) and ``DENSE`` (every expert runs on every token).
+attribute holding the experts), ``EXPERT_BUFFERS`` (the layer's own buffers with one entry per
+expert, e.g. a score-correction bias: pruned and merged with the experts) and ``DENSE`` (every
+expert runs on every token).
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ class MixtureLayer(nn.Module):
     ROUTERS: tuple[str, ...] = ("gating",)
     GATES: tuple[str, ...] = ()
     EXPERTS: str = "experts"
+    EXPERT_BUFFERS: tuple[str, ...] = ()
     INPUT: str = "input_size"
     DENSE: bool = False
     #: After-forward attributes that hold autograd graphs (dropped by deepcopy / pickle).

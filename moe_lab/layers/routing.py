@@ -2,7 +2,21 @@
 
 Shapes use ``n`` for tokens (all leading dimensions flattened), ``E`` for experts and
 ``k`` for experts chosen per token. Nothing here holds state; the layers in
-:mod:`moe_lab.layers.topk` call these functions, and tests compare them with slow references.
+:mod:`moe_lab.layers.topk` and :mod:`moe_lab.layers.swiglu` call these functions, and tests
+compare them with slow references.
+
+The routing rules of the MoE families in use today:
+
+=====================================  ==============================================================
+:func:`top_k_routing` ``softmax_topk``  softmax over all experts, top-k, optionally renormalised
+                                        (Mixtral; OLMoE and Qwen-MoE with ``norm_topk_prob``)
+:func:`top_k_routing` ``topk_softmax``  top-k logits, softmax over those k (the deck; GPT-OSS,
+                                        Granite-MoE)
+:func:`sigmoid_top_k_routing`           top-k logits, each gated by its own sigmoid (Llama 4)
+:func:`group_limited_routing`           sigmoid scores, group-limited top-k on bias-corrected
+                                        scores, renormalised and scaled (DeepSeek-V3, Kimi-K2,
+                                        GLM-4.5 MoE, dots.llm1)
+=====================================  ==============================================================
 """
 
 from __future__ import annotations
@@ -24,7 +38,8 @@ class Routing:
 
     Attributes:
         logits: ``(n, E)`` raw router scores (noise included, if any).
-        probs: ``(n, E)`` softmax over all experts (used by the load-balancing loss).
+        probs: ``(n, E)`` each expert's routing probability: the softmax over all experts, or the
+            expert's own sigmoid for sigmoid routers (used by the load-balancing loss).
         gates: ``(n, k)`` weight given to each chosen expert.
         indices: ``(n, k)`` chosen experts, highest score first.
     """
@@ -48,10 +63,7 @@ def top_k_routing(logits: torch.Tensor, k: int, *, routing: str = "topk_softmax"
     """
     if routing not in ROUTINGS:
         raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
-    num_experts = logits.shape[-1]
-    positive_int("k", k)
-    if k > num_experts:
-        raise ValueError(f"k must be <= num_experts ({num_experts}), got {k}")
+    _check_k(k, logits.shape[-1])
     probs = logits.softmax(dim=-1)
     if routing == "topk_softmax":
         if not normalize:
@@ -63,6 +75,98 @@ def top_k_routing(logits: torch.Tensor, k: int, *, routing: str = "topk_softmax"
         if normalize:
             gates = gates / gates.sum(dim=-1, keepdim=True)
     return Routing(logits=logits, probs=probs, gates=gates, indices=indices)
+
+
+def _check_k(k: int, num_experts: int) -> None:
+    positive_int("k", k)
+    if k > num_experts:
+        raise ValueError(f"k must be <= num_experts ({num_experts}), got {k}")
+
+
+def sigmoid_top_k_routing(logits: torch.Tensor, k: int) -> Routing:
+    """Llama 4's rule: the ``k`` largest ``logits`` ``(n, E)``, each gated by its own sigmoid
+    (gates are not normalised; ``k=1`` in the released models).
+
+    The top-k is taken on the logits as given (their dtype decides ties); the sigmoid is
+    computed in float32 and returned in the logits' dtype, as Hugging Face's ``Llama4Router``
+    does. ``probs`` are every expert's sigmoid, in float32.
+    """
+    _check_k(k, logits.shape[-1])
+    top, indices = logits.topk(k, dim=-1)
+    gates = torch.sigmoid(top.float()).to(logits.dtype)
+    return Routing(logits=logits, probs=torch.sigmoid(logits.float()), gates=gates, indices=indices)
+
+
+def contiguous_groups(num_experts: int, n_group: int) -> torch.Tensor:
+    """``(E,)`` group of each expert when ``E`` experts are split into ``n_group`` consecutive
+    groups (equal sizes when ``n_group`` divides ``E``), as DeepSeek-V3 lays them out."""
+    positive_int("num_experts", num_experts)
+    positive_int("n_group", n_group)
+    if n_group > num_experts:
+        raise ValueError(f"n_group must be <= num_experts ({num_experts}), got {n_group}")
+    return torch.arange(num_experts) * n_group // num_experts
+
+
+def _group_scores(choice: torch.Tensor, groups: torch.Tensor, n_group: int) -> torch.Tensor:
+    """``(n, n_group)``: each group's sum of its two best ``choice`` scores (one if it has one
+    member, ``-inf`` if it has none). ``groups`` ``(E,)`` may hold groups of unequal sizes (after
+    pruning); with equal consecutive groups this is DeepSeek-V3's ``view(n, G, E/G).topk(2).sum``."""
+    n, num_experts = choice.shape
+    usual = contiguous_groups(num_experts, n_group).to(groups.device)
+    if num_experts % n_group == 0 and num_experts // n_group >= 2 and torch.equal(groups, usual):
+        return choice.view(n, n_group, -1).topk(2, dim=-1).values.sum(dim=-1)  # the usual layout, fast
+    sizes = torch.bincount(groups, minlength=n_group)
+    order = torch.argsort(groups, stable=True)
+    width = int(sizes.max())
+    starts = torch.cumsum(sizes, 0) - sizes
+    slot = torch.arange(num_experts, device=groups.device) - starts[groups[order]]
+    table = torch.full((n_group, width), num_experts, dtype=torch.long, device=groups.device)
+    table[groups[order], slot] = order  # padding points at an extra -inf column
+    padded = torch.cat([choice, choice.new_full((n, 1), float("-inf"))], dim=1)[:, table]
+    best = padded.topk(min(2, width), dim=-1).values
+    scores = best.masked_fill(best == float("-inf"), 0).sum(dim=-1)
+    return scores.masked_fill(sizes == 0, float("-inf"))
+
+
+def group_limited_routing(logits: torch.Tensor, k: int, *, n_group: int = 1, topk_group: int = 1,
+                          correction_bias: torch.Tensor | None = None, groups: torch.Tensor | None = None,
+                          normalize: bool = True, scaling_factor: float = 1.0) -> Routing:
+    """DeepSeek-V3's rule (also Kimi-K2, GLM-4.5 MoE, dots.llm1) from router ``logits`` ``(n, E)``.
+
+    1. Scores are sigmoids, ``s = sigmoid(logits)``; the choice uses ``s + correction_bias``
+       (a per-expert bias trained for balance, not for the gates).
+    2. Experts form ``n_group`` groups (``groups`` ``(E,)``; default :func:`contiguous_groups`);
+       each group is scored by the sum of its two best corrected scores and only the experts
+       of the ``topk_group`` best groups compete.
+    3. The ``k`` best corrected scores win; their gates are the *uncorrected* scores,
+       divided by their sum (+1e-20) if ``normalize``, times ``scaling_factor``.
+
+    Computed in the logits' dtype (Hugging Face runs it in float32). Ties and the order of
+    ``indices`` follow ``torch.topk(..., sorted=False)`` exactly as Hugging Face calls it, so
+    the experts see their tokens in the same order.
+    """
+    num_experts = logits.shape[-1]
+    _check_k(k, num_experts)
+    positive_int("n_group", n_group)
+    positive_int("topk_group", topk_group)
+    if topk_group > n_group:
+        raise ValueError(f"topk_group must be <= n_group ({n_group}), got {topk_group}")
+    scores = logits.sigmoid()
+    choice = scores if correction_bias is None else scores + correction_bias
+    if n_group > 1:
+        if groups is None:
+            groups = contiguous_groups(num_experts, n_group).to(logits.device)
+        if groups.shape != (num_experts,):
+            raise ValueError(f"groups must have shape ({num_experts},), got {tuple(groups.shape)}")
+        group_scores = _group_scores(choice, groups, n_group)
+        chosen = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False).indices
+        group_mask = torch.zeros_like(group_scores).scatter_(1, chosen, 1)
+        choice = choice.masked_fill(~group_mask[:, groups].bool(), float("-inf"))
+    indices = torch.topk(choice, k=k, dim=-1, sorted=False).indices
+    gates = scores.gather(1, indices)
+    if normalize:
+        gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
+    return Routing(logits=logits, probs=scores, gates=gates * scaling_factor, indices=indices)
 
 
 def noisy_logits(clean_logits: torch.Tensor, noise_logits: torch.Tensor,
