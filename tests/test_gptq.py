@@ -8,7 +8,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe_lab.compress import quantize as quantize_module
 from moe_lab.compress.gptq import (
     HessianAccumulator,
     gptq_quantize,
@@ -17,7 +16,8 @@ from moe_lab.compress.gptq import (
     pack_bits,
     unpack_bits,
 )
-from moe_lab.compress.quantize import QuantizedLinear, dequantize_tensor, pack_int4, quantize_tensor
+from moe_lab.layers.compact import quantized as quantize_module
+from moe_lab.layers.compact.quantized import QuantizedLinear, dequantize_tensor, pack_int4, quantize_tensor
 
 TIE = 1e-5  # a decision this close (relative) to a rounding tie may go either way in float32
 

@@ -36,8 +36,8 @@ import torch
 import torch.nn as nn
 
 from moe_lab._checks import finite_float, last_dim, positive_int
-from moe_lab.compress import quantize as _quantize
-from moe_lab.compress.quantize import SCALE_DTYPE, QuantizedLinear
+from moe_lab.layers.compact import quantized as _storage
+from moe_lab.layers.compact.quantized import SCALE_DTYPE, QuantizedLinear
 
 GPTQ_BITS = (2, 3, 4, 8)
 
@@ -251,8 +251,8 @@ def gptq_quantize(linear: nn.Linear, inputs: torch.Tensor | HessianAccumulator, 
     token-weighted by ``weights`` ``(...)``) or a :class:`HessianAccumulator` already fed with them."""
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-    if bits not in _quantize.SUPPORTED_BITS:  # looked up now: the storage may learn more widths
-        raise ValueError(f"bits={bits!r}: QuantizedLinear stores only {_quantize.SUPPORTED_BITS} bits; "
+    if bits not in _storage.SUPPORTED_BITS:  # looked up now: the storage may learn more widths
+        raise ValueError(f"bits={bits!r}: QuantizedLinear stores only {_storage.SUPPORTED_BITS} bits; "
                          "use gptq_quantize_weight and pack_bits for other widths")
     if isinstance(inputs, HessianAccumulator):
         if weights is not None:
