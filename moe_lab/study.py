@@ -4,8 +4,8 @@ Trains (or loads) the base model for a task, applies one or more recipes
 (:mod:`moe_lab.compress.recipes`), evaluates every stage, prints the per-stage tables and writes to
 the output folder:
 
-* ``report.json``: per recipe and stage, the metric, saved bytes, compression ratios and
-  median CPU latency of one batch;
+* ``report.json``: per recipe and stage, the metric, saved bytes, compression ratios,
+  router fidelity against the base model (on 64 test inputs) and median CPU latency of one batch;
 * ``base/``: the trained base model (``moe_lab.save`` format; ``--base`` loads it again);
 * the compressed model (``model.safetensors`` + ``config.json``) in the folder itself for a
   single recipe, or in one sub-folder per recipe;
@@ -135,7 +135,7 @@ def run_study(task_name: str, recipes: list[str], out: str | Path, *, profile: s
                 options["max_steps"] = max(1, options["max_steps"] // 5)
             stages = stages + [FineTune(task.train_data, epochs=finetune, task=task.kind, **options)]
         say(f"\nrecipe {recipe!r}:")
-        result = compress(model, stages, task.calibration, evaluate=score)
+        result = compress(model, stages, task.calibration, evaluate=score, fidelity_inputs=example)
         timings = []
         for record in result.records:
             record["latency_ms"] = None

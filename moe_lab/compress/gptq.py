@@ -26,6 +26,10 @@ Choices, all documented where they are made:
 * Dead columns (``diag(H) = 0``: inputs always zero) get weight 0 and a diagonal of 1, as in the
   reference code, but the damping ``damp * mean(diag H)`` averages the live columns only, so scaling
   the inputs does not change the result.
+
+For mixtures, :func:`gptq_layer` and :func:`gptq_experts` calibrate every expert on the tokens routed
+to it (:mod:`moe_lab.compress.calibration`), layer after layer on the outputs of the quantized layers
+before it; the :class:`~moe_lab.compress.Quantize` stage with ``method="gptq"`` runs them.
 """
 
 from __future__ import annotations
@@ -36,6 +40,13 @@ import torch
 import torch.nn as nn
 
 from moe_lab._checks import finite_float, last_dim, positive_int
+from moe_lab.compress.calibration import (
+    HessianAccumulator,
+    calibrate_layers,
+    calibrate_mixture,
+    dampen,
+    hessian_from_inputs,
+)
 from moe_lab.layers.compact import quantized as _storage
 from moe_lab.layers.compact.quantized import SCALE_DTYPE, QuantizedLinear
 
@@ -80,17 +91,15 @@ def _round(column: torch.Tensor, scale: torch.Tensor, q_max: int) -> torch.Tenso
     return torch.round(column / safe).clamp_(-q_max, q_max)
 
 
-def _inverse_factor(hessian: torch.Tensor, dead: torch.Tensor, damp: float) -> torch.Tensor:
+def _inverse_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) I)^-1 = U^T U`` for a float32
-    ``(in, in)`` Hessian, after giving dead columns (``dead``, zero diagonal) a diagonal of 1.
+    ``(in, in)`` Hessian, after giving dead columns (zero diagonal) a diagonal of 1
+    (:func:`~moe_lab.compress.calibration.dampen`).
 
     The mean is over the live columns only: the reference code averages the dead columns' 1s in too,
     which makes the damping (and the result) depend on the units of the inputs.
     """
-    h = hessian.clone()
-    h.diagonal()[dead] = 1.0
-    level = hessian.diagonal()[~dead].mean() if (~dead).any() else 1.0
-    h.diagonal().add_(damp * level)
+    h, _ = dampen(hessian, damp)
     factor, info = torch.linalg.cholesky_ex(h)  # lower: H = L L^T
     if info.item() == 0:
         factor, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
@@ -123,7 +132,7 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int 
     perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(n)
     perm = perm.to(w.device)  # dead columns (diagonal 0) come last
     w, h = w[:, perm], h[perm][:, perm]
-    u = _inverse_factor(h, dead[perm], damp)
+    u = _inverse_factor(h, damp)
     group_of = (perm // g).tolist()  # stored group of each visited column
     values = torch.zeros_like(w)
     for i1 in range(0, n, block_size):
@@ -187,61 +196,6 @@ def unpack_bits(packed: torch.Tensor, bits: int, width: int) -> torch.Tensor:
     return torch.where(codes >= 2 ** (bits - 1), codes - 2 ** bits, codes).to(torch.int8)
 
 
-class HessianAccumulator:
-    """Streaming ``H = sum_t c_t x_t x_t^T / sum_t c_t`` over batches of inputs ``x_t`` ``(in,)``.
-
-    ``c_t`` are optional nonnegative per-token weights (router gates, say: MoEQuant weights an
-    expert's Hessian by the gates of the tokens it serves); without them ``H`` is the plain mean.
-    GPTQ's result does not depend on the overall scale of ``H``, only on the relative weights.
-    Each chunk of ``chunk_size`` tokens is multiplied in float32 and added to a float64 sum, so
-    memory stays ``O(chunk_size * in + in^2)`` and the rounding error does not grow with the token count.
-    """
-
-    def __init__(self, in_features: int, chunk_size: int = 4096):
-        self.in_features = positive_int("in_features", in_features)
-        self.chunk_size = positive_int("chunk_size", chunk_size)
-        self.count = 0  # tokens seen
-        self._sum: torch.Tensor | None = None  # float64 (in, in)
-        self._total = 0.0  # sum of the token weights
-
-    @torch.no_grad()
-    def add(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> HessianAccumulator:
-        """Add the tokens of ``x`` ``(..., in)``, weighted by ``weights`` ``(...)`` if given."""
-        last_dim("x", x, self.in_features)
-        if weights is not None:
-            if not isinstance(weights, torch.Tensor) or weights.shape != x.shape[:-1]:
-                raise ValueError(f"weights must be a tensor of shape {tuple(x.shape[:-1])}, "
-                                 f"got {tuple(getattr(weights, 'shape', ()))}")
-            if not torch.isfinite(weights).all() or (weights < 0).any():
-                raise ValueError("weights must be finite and nonnegative")
-            weights = weights.detach().reshape(-1).to(device=x.device, dtype=torch.float32)
-        x = x.detach().reshape(-1, self.in_features)
-        if self._sum is None:
-            self._sum = torch.zeros(self.in_features, self.in_features, dtype=torch.float64, device=x.device)
-        for start in range(0, x.shape[0], self.chunk_size):
-            chunk = x[start:start + self.chunk_size].float()
-            scaled = chunk if weights is None else chunk * weights[start:start + self.chunk_size, None]
-            self._sum += (scaled.T @ chunk).double()
-        self._total += x.shape[0] if weights is None else float(weights.double().sum())
-        self.count += x.shape[0]
-        return self
-
-    @property
-    def hessian(self) -> torch.Tensor:
-        """The float32 ``(in, in)`` weighted mean of ``x x^T`` so far."""
-        if self._sum is None or self._total == 0:
-            raise ValueError("no tokens (or only zero-weight tokens) were added: the Hessian is undefined")
-        return (self._sum / self._total).float()
-
-
-def hessian_from_inputs(inputs: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Float32 ``(in, in)`` mean of ``x x^T`` over the tokens of ``inputs`` ``(..., in)``, optionally
-    weighted by nonnegative ``weights`` ``(...)`` (see :class:`HessianAccumulator`)."""
-    if not isinstance(inputs, torch.Tensor) or inputs.dim() == 0:
-        raise TypeError(f"inputs must be a tensor of shape (..., in), got {type(inputs).__name__}")
-    return HessianAccumulator(inputs.shape[-1]).add(inputs, weights).hessian
-
-
 @torch.no_grad()
 def gptq_quantize(linear: nn.Linear, inputs: torch.Tensor | HessianAccumulator, bits: int = 4,
                   group_size: int | None = None, damp: float = 0.01, act_order: bool = False,
@@ -270,3 +224,44 @@ def gptq_quantize(linear: nn.Linear, inputs: torch.Tensor | HessianAccumulator, 
     if has_bias:
         layer.bias.copy_(linear.bias.detach())
     return layer
+
+
+def _group_for(linear: nn.Linear, group_size: int | None) -> int | None:
+    """The group size :func:`~moe_lab.compress.quantize.quantize_experts` uses for ``linear``: a matrix
+    no wider than one group (a thin low-rank factor, say) is quantized per channel."""
+    return None if group_size is not None and linear.in_features <= group_size else group_size
+
+
+def gptq_layer(layer: nn.Module, x: torch.Tensor, bits: int = 4, group_size: int | None = None, *,
+               damp: float = 0.01, act_order: bool = False, coverage: str = "fallback",
+               min_tokens: int | None = None, weight_by_gate: bool = False, name: str = "") -> list[dict]:
+    """GPTQ every linear of one mixture layer in place (routers and gates stay in float), given the
+    layer's calibration inputs ``x`` ``(..., d)``: each expert on the tokens routed to it (the
+    Hessian weighted by their gates if ``weight_by_gate``, as MoEQuant does), a SwiGLU expert's
+    ``down_proj`` on the intermediate activations of its quantized ``gate_up_proj``, and the rest
+    of the layer after the experts. An expert with fewer than ``min_tokens`` routed tokens follows
+    ``coverage`` (``"all"``, ``"fallback"`` to round-to-nearest, ``"error"``). Returns the per-expert
+    report of :func:`~moe_lab.compress.calibration.calibrate_mixture` (``method`` ``"gptq"`` or ``"rtn"``).
+    """
+    _storage._check_bits_and_groups(bits, group_size, group_size or 1)  # the storage's widths, read now
+    finite_float("damp", damp, minimum=0.0)
+
+    def transform(path: str, linear: nn.Linear, accumulator: HessianAccumulator) -> QuantizedLinear:
+        return gptq_quantize(linear, accumulator, bits, _group_for(linear, group_size), damp, act_order)
+
+    def fallback(path: str, linear: nn.Linear) -> QuantizedLinear:
+        return QuantizedLinear.from_linear(linear, bits, _group_for(linear, group_size))
+
+    return calibrate_mixture(layer, x, transform, fallback, method="gptq", fallback_method="rtn",
+                             weight_by_gate=weight_by_gate, coverage=coverage, min_tokens=min_tokens,
+                             name=name)
+
+
+def gptq_experts(model: nn.Module, calibration: torch.Tensor, bits: int = 4, group_size: int | None = None,
+                 **options) -> list[dict]:
+    """GPTQ the mixture layers of ``model`` in place, layer by layer: each layer is calibrated on
+    the inputs it receives when ``model`` runs on ``calibration`` with the layers before it
+    already quantized (GPTQ's sequential scheme). ``options`` are those of :func:`gptq_layer`.
+    Returns every layer's report rows, in order."""
+    return calibrate_layers(model, calibration, lambda name, layer, x: gptq_layer(layer, x, bits, group_size,
+                                                                                  name=name, **options))
