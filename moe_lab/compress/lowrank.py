@@ -78,10 +78,11 @@ def activation_low_rank(linear: nn.Linear, hessian: torch.Tensor, rank: int | No
     ``U.weight = sqrt(S_r) V_r^T L^-1`` and ``V.weight = U_r sqrt(S_r)``. ``energy`` is the fraction of
     ``sum(S^2)`` kept, i.e. of the output energy on the calibration inputs. ``H`` is first damped
     (:func:`~moe_lab.compress.calibration.dampen`: ``damp * mean(diag H)`` on the diagonal, dead
-    inputs given a unit variance), which keeps a singular covariance (fewer tokens than inputs)
-    factorisable and adds ``damp * mean(diag H) * ||W - W_r||_F^2`` to the loss: a large ``damp``
-    tends to the plain SVD, ``damp=0`` is the exact minimiser (it needs a positive definite ``H``).
-    Computed in float64; the factors take the weight's dtype and device.
+    inputs given a unit variance and their weights set to 0, as GPTQ does), which keeps a singular
+    covariance (fewer tokens than inputs) factorisable and adds ``damp * mean(diag H) *
+    ||W - W_r||_F^2`` to the loss: a large ``damp`` tends to the plain SVD, ``damp=0`` is the exact
+    minimiser (it needs a positive definite ``H``). Computed in float64; the factors take the weight's
+    dtype and device.
     """
     if type(linear) is not nn.Linear:
         raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
@@ -93,12 +94,18 @@ def activation_low_rank(linear: nn.Linear, hessian: torch.Tensor, rank: int | No
     if not torch.isfinite(hessian).all() or (hessian.diagonal() < 0).any():
         raise ValueError("hessian must be finite with a nonnegative diagonal")
     weight = linear.weight.detach()
-    damped, _ = dampen(hessian.detach().to(weight.device, torch.float64), damp)
+    damped, dead = dampen(hessian.detach().to(weight.device, torch.float64), damp)
     damped = (damped + damped.T) / 2
     factor, info = torch.linalg.cholesky_ex(damped)
-    if info.item() != 0:
-        raise ValueError(f"the input covariance is not positive definite with damp={damp}: increase damp")
-    u, s, vh = torch.linalg.svd(weight.double() @ factor, full_matrices=False)
+    # an eigenvalue at the rounding level of the Hessian's own dtype is a singular direction, not data
+    eigenvalues = torch.linalg.eigvalsh(damped)
+    floor = linear.in_features * torch.finfo(hessian.dtype).eps * eigenvalues[-1]
+    if info.item() != 0 or eigenvalues[0] <= floor:
+        raise ValueError(f"the input covariance is singular with damp={damp} (fewer independent tokens "
+                         f"than inputs): increase damp")
+    target = weight.double().clone()
+    target[:, dead] = 0.0  # inputs that are always zero: their weights spend no rank (as in GPTQ)
+    u, s, vh = torch.linalg.svd(target @ factor, full_matrices=False)
     if energy is not None:
         rank = rank_for_energy(s, energy)
     layer = LowRankLinear(linear.in_features, linear.out_features, rank, bias=linear.bias is not None)
