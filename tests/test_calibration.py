@@ -12,7 +12,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moe_lab import DenseMoE, LanguageModelMoE, SharedTrunkMoE, SwiGLUMoE, TopKMoE
-from moe_lab.compress import CoverageWarning, ExpertPrune, Quantize, compress, quantize_experts, routed_tokens
+from moe_lab.compress import (
+    CoverageWarning,
+    ExpertPrune,
+    LowRank,
+    MagnitudePrune,
+    Quantize,
+    compress,
+    quantize_experts,
+    routed_tokens,
+)
 from moe_lab.compress.calibration import HessianAccumulator, calibrate_sequentially, expert_contributions
 from moe_lab.compress.gptq import gptq_quantize
 from moe_lab.compress.recipes import normalize_recipe, parse_recipe
@@ -409,3 +418,18 @@ def test_hugging_face_blocks_take_the_gptq_stage_block_by_block():
         with torch.no_grad():
             errors[name] = float((compressed(tokens).logits - reference).norm() / reference.norm())
     assert errors["gptq"] < errors["rtn"]
+
+
+def test_gptq_after_other_stages():
+    torch.manual_seed(0)
+    layer, x = SwiGLUMoE(4, 32, 24, k=2), correlated(600, 32)
+    stage = Quantize(8, 8, method="gptq")
+    low = LowRank(rank=4).apply(copy.deepcopy(layer), x)
+    quantized = stage.apply(copy.deepcopy(low), x)  # each factor quantized, in the order the expert runs them
+    factors = quantized.experts[0].gate_up_proj
+    assert isinstance(factors.U, QuantizedLinear) and factors.U.group_size == 8
+    assert factors.V.group_size is None and factors.V.in_features == 4  # one group per row, as RTN
+    with torch.no_grad():
+        assert (quantized(x) - low(x)).norm() / low(x).norm() < 0.02
+    with pytest.raises(ValueError, match="sparse"):
+        stage.apply(MagnitudePrune(0.5).apply(copy.deepcopy(layer), x), x)

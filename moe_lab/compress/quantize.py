@@ -21,6 +21,12 @@ from moe_lab.layers.compact.quantized import SUPPORTED_BITS, QuantizedLinear, _c
 from moe_lab.layers.compact.sparse import SparseLinear
 
 
+def _check_not_sparse(model: nn.Module) -> None:
+    if any(isinstance(m, SparseLinear) for _, layer in moe_layers(model) for m in layer.modules()):
+        raise ValueError("the MoE layers hold sparse (bitmask) weights, which this int8/int4 format cannot "
+                         "store: quantize instead of storing sparsely, or quantize before magnitude pruning")
+
+
 def quantize_experts(model: nn.Module, bits: int | list[int] = 8, group_size: int | None = None, *,
                      include_router: bool = False) -> nn.Module:
     """Replace the linear maps of every MoE layer with :class:`QuantizedLinear`, in place.
@@ -32,9 +38,7 @@ def quantize_experts(model: nn.Module, bits: int | list[int] = 8, group_size: in
     Expert modules that already hold factors (low-rank) have each factor quantized; a matrix
     no wider than ``group_size`` (a rank-4 factor, say) is quantized per channel.
     """
-    if any(isinstance(m, SparseLinear) for _, layer in moe_layers(model) for m in layer.modules()):
-        raise ValueError("the MoE layers hold sparse (bitmask) weights, which this int8/int4 format cannot "
-                         "store: quantize instead of storing sparsely, or quantize before magnitude pruning")
+    _check_not_sparse(model)
     per_expert = list(bits) if isinstance(bits, (list, tuple)) else None
     for bits_value in per_expert or [bits]:
         _check_bits_and_groups(bits_value, None, 2)
@@ -108,7 +112,8 @@ class Quantize(Stage):
     ``act_order`` and ``weight_by_gate`` (weight each expert's Hessian by the gates, as MoEQuant).
     After ``apply``, ``last_report`` holds GPTQ's per-expert report (tokens seen, method used,
     relative output error; see :func:`~moe_lab.compress.calibration.calibrate_mixture`), ``None``
-    for round-to-nearest. The recipe item spells bits, groups and a non-default coverage only.
+    for round-to-nearest; applied block by block (:func:`moe_lab.hf.compress_model`), the last
+    block's. The recipe item spells bits, groups and a non-default coverage only.
     """
 
     bits: int = 8
@@ -162,6 +167,7 @@ class Quantize(Stage):
         if self.method == "rtn":
             self.last_report = None
             return quantize_experts(model, self.bits, self.group_size)
+        _check_not_sparse(model)
         self.last_report = gptq_experts(model, calibration, self.bits, self.group_size, damp=self.damp,
                                         act_order=self.act_order, coverage=self.coverage,
                                         min_tokens=self.min_tokens, weight_by_gate=self.weight_by_gate)
