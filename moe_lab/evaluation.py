@@ -17,16 +17,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moe_lab.diagnostics import expert_share, utilisation_entropy
+from moe_lab.fidelity import RoutingRecorder, comparable, compare_routing
 from moe_lab.layers.base import ExpertLoad, mixture_layers
 from moe_lab.measure import active_params_per_token, flops_per_token, latency, model_bytes, param_count
 from moe_lab.stats import mean_interval, wilson_interval
 from moe_lab.training import TASKS, as_loader, upcast_logits
 
 
-def _quality(model: nn.Module, data, task: str, batch_size: int, confidence: float) -> tuple[dict, dict]:
-    """Task metric with its interval, plus expert load per MoE layer (routed token counts, or a
-    dense layer's summed gate weights)."""
+def _quality(model: nn.Module, data, task: str, batch_size: int, confidence: float
+             ) -> tuple[dict, dict, dict]:
+    """Task metric with its interval, expert load per MoE layer (routed token counts, or a dense
+    layer's summed gate weights) and the routing of every MoE layer (:mod:`moe_lab.fidelity`)."""
     layers = mixture_layers(model)
+    recorder = RoutingRecorder(model)
     loads: dict[str, ExpertLoad] = {}
     losses, correct = [], 0
     model.eval()
@@ -36,6 +39,8 @@ def _quality(model: nn.Module, data, task: str, batch_size: int, confidence: flo
             for name, layer in layers:  # every mixture layer keeps the routing of its last forward
                 load = ExpertLoad.from_routing(layer.last_routing, layer.num_experts, layer.DENSE)
                 loads[name] = loads[name] + load if name in loads else load
+            if layers:
+                recorder.add()
             if task == "classification":
                 correct += int((logits.argmax(-1) == targets).sum())
                 losses.append(F.cross_entropy(logits, targets, reduction="none"))
@@ -53,17 +58,22 @@ def _quality(model: nn.Module, data, task: str, batch_size: int, confidence: flo
         mean, low, high = mean_interval(losses, confidence)
         row = {"metric": "perplexity", "value": math.exp(mean), "ci_low": math.exp(low),
                "ci_high": math.exp(high), "n": losses.numel()}
-    return row, counts
+    return row, counts, recorder.result()
 
 
 def report(models: dict[str, nn.Module], data, *, task: str = "classification", example=None,
-           batch_size: int = 256, confidence: float = 0.95, latency_repeats: int = 10):
+           batch_size: int = 256, confidence: float = 0.95, latency_repeats: int = 10,
+           reference: str | None = None):
     """A table (pandas DataFrame, one row per model) for comparing compressed models.
 
     Columns: ``metric`` (accuracy or perplexity), ``value`` with ``ci_low``/``ci_high``
     (Wilson interval for accuracy; for perplexity an interval on the mean per-sequence loss,
-    exponentiated), ``n``, ``bytes`` (saved artifact), ``ratio`` (the first model's bytes
-    divided by this one's), ``params`` (float parameters left), ``active_params`` per
+    exponentiated), ``n``, router fidelity against the ``reference`` model (default: the first;
+    :mod:`moe_lab.fidelity`) on ``data``: ``router_agreement`` (share of each token's experts kept),
+    ``router_kl`` (KL between the routing distributions) and ``router_changed`` (share of tokens
+    whose expert set changed), NaN for a model whose mixture layers cannot be matched with the
+    reference's (other layer names, no MoE layer), ``bytes`` (saved artifact), ``ratio`` (the first
+    model's bytes divided by this one's), ``params`` (float parameters left), ``active_params`` per
     token, ``flops_per_token`` (measured on ``example``), ``latency_ms`` (median, one
     forward of ``example``), ``expert_share`` (per MoE layer, the share of routed tokens
     each expert got on ``data``) and ``utilisation`` (normalised entropy of those shares,
@@ -78,14 +88,18 @@ def report(models: dict[str, nn.Module], data, *, task: str = "classification", 
         raise TypeError("models must be a non-empty dict {name: model}")
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if reference is None:
+        reference = next(iter(models))
+    if reference not in models:
+        raise ValueError(f"reference must name one of the models {list(models)}, got {reference!r}")
     if example is None:
         first = next(iter(as_loader(data, 64, shuffle=False)), None)
         if first is None:
             raise ValueError("data is empty: nothing to report on")
         example = first[0]
-    rows, first_bytes = [], None
+    rows, first_bytes, routings = [], None, {}
     for name, model in models.items():
-        quality, counts = _quality(model, data, task, batch_size, confidence)
+        quality, counts, routings[name] = _quality(model, data, task, batch_size, confidence)
         size = model_bytes(model)
         first_bytes = first_bytes or size
         shares = {layer or "moe": [round(float(s), 4) for s in expert_share(c)]
@@ -97,7 +111,13 @@ def report(models: dict[str, nn.Module], data, *, task: str = "classification", 
                      "latency_ms": 1e3 * latency(model, example, warmup=2, repeats=latency_repeats),
                      "expert_share": shares,
                      "utilisation": sum(entropies) / len(entropies) if entropies else float("nan")})
-    return pd.DataFrame(rows).set_index("model")
+    table = pd.DataFrame(rows).set_index("model")
+    fidelity = {name: compare_routing(routings[reference], routing)
+                if comparable(routings[reference], routing) else {} for name, routing in routings.items()}
+    for i, key in enumerate(("agreement", "kl", "changed")):
+        table.insert(table.columns.get_loc("n") + 1 + i, f"router_{key}",
+                     [fidelity[name].get(key, float("nan")) for name in table.index])
+    return table
 
 
 def pareto_front(sizes, scores, higher_is_better: bool = True) -> list[int]:

@@ -6,7 +6,8 @@ the output folder:
 
 * ``report.json``: per recipe (normalised) and stage, the metric, saved bytes, compression
   ratios, parameters (``params_logical``: the weights the model stands for, which quantization
-  does not change; ``params_stored``: the numbers saved) and median CPU latency of one batch;
+  does not change; ``params_stored``: the numbers saved) and router fidelity against the base
+  model (on 64 test inputs) and median CPU latency of one batch;
   with the task, profile, seed, torch's thread count and the versions of Python, torch,
   moe_lab and transformers (results differ with the thread count);
 * ``base/``: the trained base model (``moe_lab.save`` format; ``--base`` loads it again);
@@ -283,7 +284,8 @@ def _compress_all(model: nn.Module, task: StudyTask, parsed, work: Path, out: Pa
             stages = stages + [FineTune(task.train_data, epochs=finetune, task=task.kind, **options)]
         say(f"\nrecipe {recipe!r}:")
         try:
-            result = compress(model, stages, task.calibration, evaluate=score)
+            result = compress(model, stages, task.calibration, evaluate=score,
+                              fidelity_inputs=example)
         except (ValueError, TypeError) as error:
             raise StudyError(f"--recipe {given!r}: {error}") from None
         for record in result.records:

@@ -27,6 +27,10 @@ Choices, all documented where they are made:
 * Dead columns (``diag(H) = 0``: inputs always zero) get weight 0 and a diagonal of 1, as in the
   reference code, but the damping ``damp * mean(diag H)`` averages the live columns only, so scaling
   the inputs does not change the result.
+
+For mixtures, :func:`gptq_layer` and :func:`gptq_experts` calibrate every expert on the tokens routed
+to it (:mod:`moe_lab.compress.calibration`), layer after layer on the outputs of the quantized layers
+before it; the :class:`~moe_lab.compress.Quantize` stage with ``method="gptq"`` runs them.
 """
 
 from __future__ import annotations
@@ -35,7 +39,14 @@ import torch
 import torch.nn as nn
 
 from moe_lab._checks import finite_float, last_dim, positive_int
-from moe_lab.layers.compact import quantized as _quantized
+from moe_lab.compress.calibration import (
+    HessianAccumulator,
+    calibrate_layers,
+    calibrate_mixture,
+    dampen,
+    hessian_from_inputs,
+)
+from moe_lab.layers.compact import quantized as _storage
 from moe_lab.layers.compact.quantized import QuantizedLinear, pack_bits, scales_for, unpack_bits
 
 __all__ = ["GPTQ_BITS", "HessianAccumulator", "gptq_quantize", "gptq_quantize_weight", "hessian_from_inputs",
@@ -82,17 +93,15 @@ def _round(column: torch.Tensor, scale: torch.Tensor, q_max: int) -> torch.Tenso
     return torch.round(column / safe).clamp_(-q_max, q_max)
 
 
-def _inverse_factor(hessian: torch.Tensor, dead: torch.Tensor, damp: float) -> torch.Tensor:
+def _inverse_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) I)^-1 = U^T U`` for a float32
-    ``(in, in)`` Hessian, after giving dead columns (``dead``, zero diagonal) a diagonal of 1.
+    ``(in, in)`` Hessian, after giving dead columns (zero diagonal) a diagonal of 1
+    (:func:`~moe_lab.compress.calibration.dampen`).
 
     The mean is over the live columns only: the reference code averages the dead columns' 1s in too,
     which makes the damping (and the result) depend on the units of the inputs.
     """
-    h = hessian.clone()
-    h.diagonal()[dead] = 1.0
-    level = hessian.diagonal()[~dead].mean() if (~dead).any() else 1.0
-    h.diagonal().add_(damp * level)
+    h, _ = dampen(hessian, damp)
     factor, info = torch.linalg.cholesky_ex(h)  # lower: H = L L^T
     if info.item() == 0:
         factor, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
@@ -125,7 +134,7 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int 
     perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(n)
     perm = perm.to(w.device)  # dead columns (diagonal 0) come last
     w, h = w[:, perm], h[perm][:, perm]
-    u = _inverse_factor(h, dead[perm], damp)
+    u = _inverse_factor(h, damp)
     group_of = (perm // g).tolist()  # stored group of each visited column
     values = torch.zeros_like(w)
     for i1 in range(0, n, block_size):
@@ -144,59 +153,49 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int 
     return values[:, torch.argsort(perm)].to(torch.int8), scales
 
 
-class HessianAccumulator:
-    """Streaming ``H = sum_t c_t x_t x_t^T / sum_t c_t`` over batches of inputs ``x_t`` ``(in,)``.
+def _word(bits: int) -> tuple[int, int]:
+    """Values and bytes per packed word: the fewest values whose bits fill whole bytes."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an int in [1, 8], got {bits!r}")
+    common = math.gcd(8, bits)
+    return 8 // common, bits // common
 
-    ``c_t`` are optional nonnegative per-token weights (router gates, say: MoEQuant weights an
-    expert's Hessian by the gates of the tokens it serves); without them ``H`` is the plain mean.
-    GPTQ's result does not depend on the overall scale of ``H``, only on the relative weights.
-    Each chunk of ``chunk_size`` tokens is multiplied in float32 and added to a float64 sum, so
-    memory stays ``O(chunk_size * in + in^2)`` and the rounding error does not grow with the token count.
+
+def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack signed ``bits``-bit integers into a little-endian bit stream along the last dimension:
+    int ``(..., m)`` in ``[-2**(bits-1), 2**(bits-1) - 1]`` -> uint8 ``(..., ceil(m * bits / 8))``.
+
+    Value ``i`` takes bits ``[i * bits, (i + 1) * bits)`` of its row's stream, lowest bit first: int2
+    packs 4 values a byte, int3 8 values in 3 bytes, and int4 is byte-for-byte :func:`pack_int4`.
     """
-
-    def __init__(self, in_features: int, chunk_size: int = 4096):
-        self.in_features = positive_int("in_features", in_features)
-        self.chunk_size = positive_int("chunk_size", chunk_size)
-        self.count = 0  # tokens seen
-        self._sum: torch.Tensor | None = None  # float64 (in, in)
-        self._total = 0.0  # sum of the token weights
-
-    @torch.no_grad()
-    def add(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> HessianAccumulator:
-        """Add the tokens of ``x`` ``(..., in)``, weighted by ``weights`` ``(...)`` if given."""
-        last_dim("x", x, self.in_features)
-        if weights is not None:
-            if not isinstance(weights, torch.Tensor) or weights.shape != x.shape[:-1]:
-                raise ValueError(f"weights must be a tensor of shape {tuple(x.shape[:-1])}, "
-                                 f"got {tuple(getattr(weights, 'shape', ()))}")
-            if not torch.isfinite(weights).all() or (weights < 0).any():
-                raise ValueError("weights must be finite and nonnegative")
-            weights = weights.detach().reshape(-1).to(device=x.device, dtype=torch.float32)
-        x = x.detach().reshape(-1, self.in_features)
-        if self._sum is None:
-            self._sum = torch.zeros(self.in_features, self.in_features, dtype=torch.float64, device=x.device)
-        for start in range(0, x.shape[0], self.chunk_size):
-            chunk = x[start:start + self.chunk_size].float()
-            scaled = chunk if weights is None else chunk * weights[start:start + self.chunk_size, None]
-            self._sum += (scaled.T @ chunk).double()
-        self._total += x.shape[0] if weights is None else float(weights.double().sum())
-        self.count += x.shape[0]
-        return self
-
-    @property
-    def hessian(self) -> torch.Tensor:
-        """The float32 ``(in, in)`` weighted mean of ``x x^T`` so far."""
-        if self._sum is None or self._total == 0:
-            raise ValueError("no tokens (or only zero-weight tokens) were added: the Hessian is undefined")
-        return (self._sum / self._total).float()
+    per_word, word_bytes = _word(bits)
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    if values.is_floating_point() or values.dtype == torch.bool:
+        raise ValueError(f"values must be an integer tensor, got {values.dtype}")
+    if values.numel() and (values.min() < low or values.max() > high):
+        raise ValueError(f"values must lie in [{low}, {high}] for {bits} bits")
+    width = values.shape[-1]
+    codes = (values.to(torch.int64) & (2 ** bits - 1))
+    codes = torch.nn.functional.pad(codes, (0, -width % per_word)).unflatten(-1, (-1, per_word))
+    words = (codes << (bits * torch.arange(per_word, device=values.device))).sum(-1, keepdim=True)
+    stream = (words >> (8 * torch.arange(word_bytes, device=values.device))) & 0xFF
+    return stream.flatten(-2)[..., :(width * bits + 7) // 8].to(torch.uint8)
 
 
-def hessian_from_inputs(inputs: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Float32 ``(in, in)`` mean of ``x x^T`` over the tokens of ``inputs`` ``(..., in)``, optionally
-    weighted by nonnegative ``weights`` ``(...)`` (see :class:`HessianAccumulator`)."""
-    if not isinstance(inputs, torch.Tensor) or inputs.dim() == 0:
-        raise TypeError(f"inputs must be a tensor of shape (..., in), got {type(inputs).__name__}")
-    return HessianAccumulator(inputs.shape[-1]).add(inputs, weights).hessian
+def unpack_bits(packed: torch.Tensor, bits: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: uint8 ``(..., ceil(width * bits / 8))`` -> int8 ``(..., width)``."""
+    per_word, word_bytes = _word(bits)
+    if isinstance(width, bool) or not isinstance(width, int) or width < 0:
+        raise ValueError(f"width must be a nonnegative int, got {width!r}")
+    if packed.dtype != torch.uint8 or packed.dim() == 0 or packed.shape[-1] != (width * bits + 7) // 8:
+        raise ValueError(f"packed must be uint8 with last dimension {(width * bits + 7) // 8} for "
+                         f"width {width} at {bits} bits, got {packed.dtype} {tuple(packed.shape)}")
+    stream = torch.nn.functional.pad(packed.to(torch.int64), (0, -packed.shape[-1] % word_bytes))
+    stream = stream.unflatten(-1, (-1, word_bytes))
+    words = (stream << (8 * torch.arange(word_bytes, device=packed.device))).sum(-1, keepdim=True)
+    codes = (words >> (bits * torch.arange(per_word, device=packed.device))) & (2 ** bits - 1)
+    codes = codes.flatten(-2)[..., :width]
+    return torch.where(codes >= 2 ** (bits - 1), codes - 2 ** bits, codes).to(torch.int8)
 
 
 @torch.no_grad()
@@ -208,8 +207,8 @@ def gptq_quantize(linear: nn.Linear, inputs: torch.Tensor | HessianAccumulator, 
     token-weighted by ``weights`` ``(...)``) or a :class:`HessianAccumulator` already fed with them."""
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-    if bits not in _quantized.SUPPORTED_BITS:  # looked up now: the storage may learn more widths
-        raise ValueError(f"bits={bits!r}: QuantizedLinear stores only {_quantized.SUPPORTED_BITS} bits; "
+    if bits not in _storage.SUPPORTED_BITS:  # looked up now: the storage may learn more widths
+        raise ValueError(f"bits={bits!r}: QuantizedLinear stores only {_storage.SUPPORTED_BITS} bits; "
                          "use gptq_quantize_weight and pack_bits for other widths")
     if isinstance(inputs, HessianAccumulator):
         if weights is not None:
@@ -227,3 +226,44 @@ def gptq_quantize(linear: nn.Linear, inputs: torch.Tensor | HessianAccumulator, 
     if has_bias:
         layer.bias.copy_(linear.bias.detach())
     return layer
+
+
+def _group_for(linear: nn.Linear, group_size: int | None) -> int | None:
+    """The group size :func:`~moe_lab.compress.quantize.quantize_experts` uses for ``linear``: a matrix
+    no wider than one group (a thin low-rank factor, say) is quantized per channel."""
+    return None if group_size is not None and linear.in_features <= group_size else group_size
+
+
+def gptq_layer(layer: nn.Module, x: torch.Tensor, bits: int = 4, group_size: int | None = None, *,
+               damp: float = 0.01, act_order: bool = False, coverage: str = "fallback",
+               min_tokens: int | None = None, weight_by_gate: bool = False, name: str = "") -> list[dict]:
+    """GPTQ every linear of one mixture layer in place (routers and gates stay in float), given the
+    layer's calibration inputs ``x`` ``(..., d)``: each expert on the tokens routed to it (the
+    Hessian weighted by their gates if ``weight_by_gate``, as MoEQuant does), a SwiGLU expert's
+    ``down_proj`` on the intermediate activations of its quantized ``gate_up_proj``, and the rest
+    of the layer after the experts. An expert with fewer than ``min_tokens`` routed tokens follows
+    ``coverage`` (``"all"``, ``"fallback"`` to round-to-nearest, ``"error"``). Returns the per-expert
+    report of :func:`~moe_lab.compress.calibration.calibrate_mixture` (``method`` ``"gptq"`` or ``"rtn"``).
+    """
+    _storage._check_bits_and_groups(bits, group_size, group_size or 1)  # the storage's widths, read now
+    finite_float("damp", damp, minimum=0.0)
+
+    def transform(path: str, linear: nn.Linear, accumulator: HessianAccumulator) -> QuantizedLinear:
+        return gptq_quantize(linear, accumulator, bits, _group_for(linear, group_size), damp, act_order)
+
+    def fallback(path: str, linear: nn.Linear) -> QuantizedLinear:
+        return QuantizedLinear.from_linear(linear, bits, _group_for(linear, group_size))
+
+    return calibrate_mixture(layer, x, transform, fallback, method="gptq", fallback_method="rtn",
+                             weight_by_gate=weight_by_gate, coverage=coverage, min_tokens=min_tokens,
+                             name=name)
+
+
+def gptq_experts(model: nn.Module, calibration: torch.Tensor, bits: int = 4, group_size: int | None = None,
+                 **options) -> list[dict]:
+    """GPTQ the mixture layers of ``model`` in place, layer by layer: each layer is calibrated on
+    the inputs it receives when ``model`` runs on ``calibration`` with the layers before it
+    already quantized (GPTQ's sequential scheme). ``options`` are those of :func:`gptq_layer`.
+    Returns every layer's report rows, in order."""
+    return calibrate_layers(model, calibration, lambda name, layer, x: gptq_layer(layer, x, bits, group_size,
+                                                                                  name=name, **options))

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from moe_lab.compress.registry import Stage, check_composition
 from moe_lab.compress.targets import moe_layers
+from moe_lab.fidelity import compare_routing, routing_of
 from moe_lab.layers.compact.base import CompactLinear
 from moe_lab.measure import model_bytes, moe_bytes, param_count
 from moe_lab.training import train
@@ -58,8 +59,10 @@ class CompressionReport:
     Each record: ``stage``, ``bytes`` (whole model, saved), ``ratio`` (original / now),
     ``moe_bytes`` and ``moe_ratio`` (the MoE layers alone), ``params`` (trainable float
     parameters left; quantized and sparse weights are buffers, counted in ``bytes``),
-    ``params_logical`` and ``params_stored`` (see :func:`param_counts`) and ``metric``
-    (``evaluate(model)``, or ``None``).
+    ``params_logical`` and ``params_stored`` (see :func:`param_counts`), ``metric``
+    (``evaluate(model)``, or ``None``), ``router_agreement``, ``router_kl`` and
+    ``router_changed`` (router fidelity against the original model, :mod:`moe_lab.fidelity`,
+    or ``None``) and ``details`` (the stage's own report, e.g. GPTQ's per-expert table, or ``None``).
     """
 
     model: nn.Module
@@ -67,11 +70,14 @@ class CompressionReport:
 
     def table(self) -> str:
         """The records as an aligned text table."""
-        lines = [f"{'stage':<42} {'bytes':>10} {'ratio':>6} {'MoE bytes':>10} {'MoE ratio':>9} {'metric':>8}"]
+        fidelity = any(r.get("router_agreement") is not None for r in self.records)
+        lines = [f"{'stage':<42} {'bytes':>10} {'ratio':>6} {'MoE bytes':>10} {'MoE ratio':>9} {'metric':>8}"
+                 + (f" {'routing kept':>12}" if fidelity else "")]
         for r in self.records:
             metric = "" if r["metric"] is None else f"{r['metric']:.4f}"
+            agreement = "" if r.get("router_agreement") is None else f"{r['router_agreement']:.3f}"
             lines.append(f"{r['stage']:<42} {r['bytes']:>10,} {r['ratio']:>6.2f} {r['moe_bytes']:>10,} "
-                         f"{r['moe_ratio']:>9.2f} {metric:>8}")
+                         f"{r['moe_ratio']:>9.2f} {metric:>8}" + (f" {agreement:>12}" if fidelity else ""))
         return "\n".join(lines)
 
 
@@ -101,12 +107,15 @@ def param_counts(model: nn.Module) -> dict[str, int]:
 
 
 def compress(model: nn.Module, stages: list, calibration: torch.Tensor, evaluate=None,
-             copy_model: bool = True) -> CompressionReport:
+             copy_model: bool = True, fidelity_inputs=None) -> CompressionReport:
     """Apply ``stages`` in order (to a copy of ``model`` unless ``copy_model=False``).
 
     ``calibration`` is a batch of model inputs used by stages that look at routing or
     outputs; ``evaluate(model) -> float`` (accuracy, perplexity...) is called after each
-    stage if given. Returns a :class:`CompressionReport`.
+    stage if given; with ``fidelity_inputs`` (model inputs, see :func:`moe_lab.fidelity.routing_of`)
+    every record gets the router fidelity against the original model on them. A stage's
+    ``last_report`` (if it has one) becomes its record's ``details``. Returns a
+    :class:`CompressionReport`.
     """
     if not moe_layers(model):
         raise ValueError("model has no mixture-of-experts layer to compress")
@@ -120,19 +129,23 @@ def compress(model: nn.Module, stages: list, calibration: torch.Tensor, evaluate
     report = CompressionReport(model=model)
     first = {}
 
-    def record(stage_name: str) -> None:
+    def record(stage_name: str, details: list | None = None) -> None:
         size, moe = model_bytes(model), moe_bytes(model)
         first.setdefault("bytes", size)
         first.setdefault("moe", moe)
         with torch.no_grad():
             metric = None if evaluate is None else float(evaluate(model))
+        fidelity = {} if reference is None else compare_routing(reference, routing_of(model, fidelity_inputs))
+        router = {f"router_{key}": fidelity.get(key) for key in ("agreement", "kl", "changed")}
         report.records.append({"stage": stage_name, "bytes": size, "ratio": first["bytes"] / size,
                                "moe_bytes": moe, "moe_ratio": first["moe"] / moe,
-                               "params": param_count(model), **param_counts(model), "metric": metric})
+                               "params": param_count(model), **param_counts(model), "metric": metric,
+                               **router, "details": details})
 
+    reference = None if fidelity_inputs is None else routing_of(model, fidelity_inputs)
     record("original")
     for stage in stages:
         model = stage.apply(model, calibration)
         report.model = model
-        record(stage.name)
+        record(stage.name, getattr(stage, "last_report", None))
     return report

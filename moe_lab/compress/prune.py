@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.utils.prune as torch_prune
 
 from moe_lab._checks import last_dim, positive_int
+from moe_lab.compress.calibration import expert_contributions, routed_tokens
 from moe_lab.compress.registry import Stage, number, register_stage
 from moe_lab.compress.targets import check_mixture, expert_linears, layer_inputs, moe_layers, replace_module
 from moe_lab.layers.compact.base import CompactLinear
@@ -25,7 +26,7 @@ from moe_lab.layers.compact.sparse import SparseLinear
 from moe_lab.layers.dense import DenseMoE
 from moe_lab.layers.topk import TopKMoE
 
-EXPERT_SCORES = ("frequency", "gate_weight", "reconstruction")
+EXPERT_SCORES = ("frequency", "gate_weight", "reconstruction", "reap")
 
 
 def _check_sparsity(sparsity) -> float:
@@ -157,6 +158,27 @@ def prune_experts(layer: nn.Module, keep: list[int]) -> nn.Module:
     return new.train(layer.training)
 
 
+@torch.no_grad()
+def reap_scores(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """REAP (Router-weighted Expert Activation Pruning, Cerebras 2025): per expert ``e``, the mean over
+    the tokens of ``x`` ``(..., d)`` routed to ``e`` of ``gate_e(x) * ||expert_e(x)||_2``, the expert's
+    gated output measured in the layer's output (:func:`~moe_lab.compress.calibration.expert_contributions`);
+    0 for an expert no token reaches. ``(E,)`` float64.
+
+    Pruning then removes the experts' router rows (:func:`prune_experts`), so the router is
+    renormalised over the kept experts: a softmax router's probabilities become the softmax of the
+    kept logits (the old probabilities divided by the mass kept); top-k gates renormalised to sum to
+    one (``normalize=True``, ``topk_softmax``) are renormalised over the top-k among the kept experts;
+    unnormalised top-k gates (``normalize=False``) are the kept softmax probabilities, so each grows
+    by the mass the removed experts held.
+    """
+    check_mixture(layer)
+    contributions = expert_contributions(layer, x)  # (n, E), zero off the routed tokens
+    return torch.stack([contributions[tokens.index.to(contributions.device), tokens.expert].mean()
+                        if tokens.count else contributions.new_zeros(())
+                        for tokens in routed_tokens(layer, x)])
+
+
 def _reconstruction_error(layer, candidate, x, reference) -> float:
     with torch.no_grad():
         return float((candidate(x) - reference).square().mean())
@@ -170,6 +192,7 @@ def select_experts(layer: nn.Module, x: torch.Tensor, num_keep: int, score: str 
     ``"reconstruction"``: try every subset of size ``num_keep`` and keep the one whose
     pruned layer reproduces the full layer's outputs best (mean squared error), the
     NAEE idea (Lu et al. 2024); only for small ``E`` (at most ``max_subsets`` subsets).
+    ``"reap"``: the largest :func:`reap_scores` (router-weighted expert output norms).
     """
     positive_int("num_keep", num_keep)
     if score not in EXPERT_SCORES:
@@ -177,6 +200,8 @@ def select_experts(layer: nn.Module, x: torch.Tensor, num_keep: int, score: str 
     E = layer.num_experts
     if num_keep > E:
         raise ValueError(f"num_keep must be <= num_experts ({E}), got {num_keep}")
+    if score == "reap":
+        return sorted(reap_scores(layer, x).topk(num_keep).indices.tolist())
     if score != "reconstruction":
         usage = expert_usage(layer, x)[score]
         return sorted(usage.topk(num_keep).indices.tolist())

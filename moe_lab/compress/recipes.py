@@ -6,11 +6,14 @@ layer's experts (by routing frequency), replace expert matrices by truncated SVD
 
 =====================  ==========================================================
 ``prune-experts=F``    :class:`~moe_lab.compress.ExpertPrune` of fraction ``F``
-                       (``prune-experts=F:score`` picks the expert score)
+                       (``prune-experts=F:score`` picks the expert score, e.g. ``:reap``)
 ``merge=N``            :class:`~moe_lab.compress.MergeExperts` into ``N`` experts
 ``sparsity=F``         :class:`~moe_lab.compress.MagnitudePrune` (sparse storage)
 ``lowrank=X``          :class:`~moe_lab.compress.LowRank`: energy if ``X < 1``, else a whole rank
+``lowrank-act=X``      the same, activation-aware (fitted to each expert's routed inputs)
 ``int8`` / ``int4``    :class:`~moe_lab.compress.Quantize`; ``int4-g32``: groups of 32
+``gptq4`` / ``gptq8``  :class:`~moe_lab.compress.Quantize` by GPTQ (``gptq4-g32``; ``gptq4:all``
+                       or ``:error`` for experts with too few calibration tokens)
 ``finetune=N``         a fine-tune of ``N`` epochs at the end (needs training data)
 =====================  ==========================================================
 
