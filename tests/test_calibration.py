@@ -333,10 +333,11 @@ def test_compress_keeps_the_stage_report_as_details():
 
 
 def test_recipes():
-    stages, _ = parse_recipe("gptq4,gptq8-g32:all,int4-g32")
+    stages = [parse_recipe(item)[0][0] for item in ("gptq4", "gptq8-g32:all", "int4-g32")]
     assert [(s.method, s.bits, s.group_size, s.coverage) for s in stages] == \
         [("gptq", 4, None, "fallback"), ("gptq", 8, 32, "all"), ("rtn", 4, 32, "fallback")]
-    assert normalize_recipe("gptq8-g32:fallback, gptq4:error") == "gptq8-g32,gptq4:error"
+    assert normalize_recipe("prune-experts=.5, gptq8-g32:fallback") == "prune-experts=0.5,gptq8-g32"
+    assert normalize_recipe(" gptq4:error") == "gptq4:error"
     assert stages[0].name == "int4 weights by GPTQ" and stages[0].per_layer
     for bad, match in [("gptq5", "bits must be one of"), ("int4:all", "after a gptq item"),
                        ("gptq4:some", "after a gptq item"), ("gptq4-g0", "group size must be in")]:
@@ -413,7 +414,7 @@ def test_hugging_face_blocks_take_the_gptq_stage_block_by_block():
     errors = {}
     for name, stage in [("rtn", Quantize(4, 16)), ("gptq", Quantize(4, 16, method="gptq", min_tokens=8))]:
         compressed = compress_model(copy.deepcopy(model), [stage], tokens)
-        assert all(isinstance(compressed.get_submodule(n).experts[0].down_proj, QuantizedLinear)
+        assert all(isinstance(compressed.get_submodule(n).moe.experts[0].down_proj, QuantizedLinear)
                    for n in moe_blocks(compressed))
         with torch.no_grad():
             errors[name] = float((compressed(tokens).logits - reference).norm() / reference.norm())

@@ -229,7 +229,7 @@ def test_bad_recipes():
     with pytest.raises(ValueError, match="calibration_tokens"):
         compress_model(model, [Quantize(8)], torch.randn(2, 6))
     with pytest.raises(ValueError, match="bits must be one of"):
-        compress_model(model, [Quantize(3)], tokens)
+        compress_model(model, [Quantize(5)], tokens)
 
 
 def bigram_tokens(n: int, time: int, vocab: int = VOCAB, seed: int = 0) -> torch.Tensor:

@@ -153,52 +153,6 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int 
     return values[:, torch.argsort(perm)].to(torch.int8), scales
 
 
-def _word(bits: int) -> tuple[int, int]:
-    """Values and bytes per packed word: the fewest values whose bits fill whole bytes."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise ValueError(f"bits must be an int in [1, 8], got {bits!r}")
-    common = math.gcd(8, bits)
-    return 8 // common, bits // common
-
-
-def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack signed ``bits``-bit integers into a little-endian bit stream along the last dimension:
-    int ``(..., m)`` in ``[-2**(bits-1), 2**(bits-1) - 1]`` -> uint8 ``(..., ceil(m * bits / 8))``.
-
-    Value ``i`` takes bits ``[i * bits, (i + 1) * bits)`` of its row's stream, lowest bit first: int2
-    packs 4 values a byte, int3 8 values in 3 bytes, and int4 is byte-for-byte :func:`pack_int4`.
-    """
-    per_word, word_bytes = _word(bits)
-    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    if values.is_floating_point() or values.dtype == torch.bool:
-        raise ValueError(f"values must be an integer tensor, got {values.dtype}")
-    if values.numel() and (values.min() < low or values.max() > high):
-        raise ValueError(f"values must lie in [{low}, {high}] for {bits} bits")
-    width = values.shape[-1]
-    codes = (values.to(torch.int64) & (2 ** bits - 1))
-    codes = torch.nn.functional.pad(codes, (0, -width % per_word)).unflatten(-1, (-1, per_word))
-    words = (codes << (bits * torch.arange(per_word, device=values.device))).sum(-1, keepdim=True)
-    stream = (words >> (8 * torch.arange(word_bytes, device=values.device))) & 0xFF
-    return stream.flatten(-2)[..., :(width * bits + 7) // 8].to(torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, bits: int, width: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: uint8 ``(..., ceil(width * bits / 8))`` -> int8 ``(..., width)``."""
-    per_word, word_bytes = _word(bits)
-    if isinstance(width, bool) or not isinstance(width, int) or width < 0:
-        raise ValueError(f"width must be a nonnegative int, got {width!r}")
-    if packed.dtype != torch.uint8 or packed.dim() == 0 or packed.shape[-1] != (width * bits + 7) // 8:
-        raise ValueError(f"packed must be uint8 with last dimension {(width * bits + 7) // 8} for "
-                         f"width {width} at {bits} bits, got {packed.dtype} {tuple(packed.shape)}")
-    stream = torch.nn.functional.pad(packed.to(torch.int64), (0, -packed.shape[-1] % word_bytes))
-    stream = stream.unflatten(-1, (-1, word_bytes))
-    words = (stream << (8 * torch.arange(word_bytes, device=packed.device))).sum(-1, keepdim=True)
-    codes = (words >> (bits * torch.arange(per_word, device=packed.device))) & (2 ** bits - 1)
-    codes = codes.flatten(-2)[..., :width]
-    return torch.where(codes >= 2 ** (bits - 1), codes - 2 ** bits, codes).to(torch.int8)
-
-
-@torch.no_grad()
 def gptq_quantize(linear: nn.Linear, inputs: torch.Tensor | HessianAccumulator, bits: int = 4,
                   group_size: int | None = None, damp: float = 0.01, act_order: bool = False,
                   weights: torch.Tensor | None = None) -> QuantizedLinear:

@@ -202,7 +202,8 @@ class SwiGLUMoE(MixtureLayer):
         last_dim("x", x, self.config["hidden_size"])
         c = self.config
         logits = self._logits(x.reshape(-1, x.shape[-1]))
-        scored = logits.float() if c["router_precision"] == "float32_scores" else logits
+        scored = logits.to(torch.promote_types(logits.dtype, torch.float32)) \
+            if c["router_precision"] == "float32_scores" else logits
         if c["routing"] == "sigmoid_topk":
             routing = sigmoid_top_k_routing(scored, self.k)
         elif c["routing"] == "sigmoid_group_topk":
