@@ -17,9 +17,8 @@ Layout (imports only point down this list):
 Importing the package sets no global state (no seeds, threads or warnings filters).
 """
 
-import warnings
-
 import moe_lab.hf  # noqa: F401  (registers the Hugging Face block for moe_lab.load)
+import moe_lab.layers as _layers
 from moe_lab.artifact import load, save
 from moe_lab.layers import (
     DenseMoE,
@@ -45,9 +44,6 @@ __all__ = ["DenseMoE", "ImageClassifierMoE", "LanguageModelMoE", "LowRankLinear"
 
 
 def __getattr__(name: str):
-    if name == "SoftMoE":
-        warnings.warn("moe_lab.SoftMoE is now DenseMoE (Soft MoE is Puigcerver et al.'s slot layer, "
-                      "SlotSoftMoE); the old name will be removed in the next release",
-                      DeprecationWarning, stacklevel=2)
-        return DenseMoE
+    if name == "SoftMoE":  # the deprecated name, with its warning, from moe_lab.layers
+        return _layers.__getattr__(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
