@@ -18,8 +18,8 @@ What :class:`QuantizedLinear` saves (its ``state_dict``, written by :func:`moe_l
   per weight at int4 with groups of 128, 5 instead of 4.5 with groups of 32). Its 8-bit
   significand is rounded *up* and the integers are computed from the stored scale, so the pair
   is self-consistent: no weight is clamped and every ``|w - q s| <= s / 2``, with ``s`` at most
-  2**-7 above ``max|w| / q_max`` (the rounding of the scale costs no accuracy, only a step
-  under 1% coarser).
+  2**-7 above ``max|w| / q_max``: a step under 1% coarser, which on Gaussian 1024 x 1024 weights
+  gave 0.2-0.5% more weight error than exact float32 scales at 2, 3, 4 and 8 bits.
 * ``bias``: bfloat16 ``(out,)``, for the same range at the same two bytes, rounded to nearest (at
   most 2**-9 relative; int8's step is 2**-7 of a row's largest weight).
 
