@@ -104,7 +104,7 @@ def test_bpe_save_load_round_trip(tmp_path):
 
 def test_load_wikitext2_with_bpe_caches_the_tokenizer(data_dir, cache):
     data = load_wikitext2(data_dir, tokenizer="bpe", vocab_size=512, verbose=False)
-    cached = list((cache / "wikitext-2").glob("bpe-512-*.json"))
+    cached = list((cache / "wikitext-2").glob("bpe-v1-512-*.json"))
     assert len(cached) == 1
     assert len(data.vocab) == 512 and int(data.train.max()) < 512 and int(data.test.max()) < 512
     words = tokenize(open(f"{data_dir}/wikitext-2/valid.txt", encoding="utf-8").read())

@@ -174,7 +174,8 @@ class SubwordVocabulary:
 
 def _bpe_vocabulary(train_path: Path, tokens: list[str], vocab_size: int) -> SubwordVocabulary:
     """The BPE vocabulary of the training file, from the cache folder or trained (and cached)."""
-    cached = paths.cache_dir() / WIKITEXT_DIR / f"bpe-{vocab_size}-{paths.sha256(train_path)[:16]}.json"
+    # the name records the training file and the training recipe (bump "v1" when the recipe changes)
+    cached = paths.cache_dir() / WIKITEXT_DIR / f"bpe-v1-{vocab_size}-{paths.sha256(train_path)[:16]}.json"
     if cached.is_file():
         try:
             return SubwordVocabulary.load(cached)
