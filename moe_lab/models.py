@@ -1,8 +1,14 @@
-"""The two case-study models: an image classifier (slide 12) and a language model (slide 11).
+"""The case-study models: an image classifier (slide 12) and language models (slide 11).
 
-Both put a mixture layer (:class:`moe_lab.DenseMoE` or :class:`moe_lab.TopKMoE`) where the
+Each puts a mixture layer (:class:`moe_lab.DenseMoE` or :class:`moe_lab.TopKMoE`) where the
 deck does, under the attribute names the deck uses (``features``, ``moe``, ``classifier``;
-``embedding``, ``output``), and keep their constructor arguments in ``config``.
+``embedding``, ``output``), and keeps its constructor arguments in ``config``.
+
+The ``build_*`` functions make the course's models from a :class:`moe_lab.profiles.Profile`, so
+every notebook and ``python -m moe_lab study`` trains the same definition:
+:func:`build_image_classifier` (notebooks 12-14, the study's ``cifar10`` task),
+:func:`build_language_model` and :func:`build_context_free_lm` (notebook 11, the study's
+``wikitext2`` task).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from moe_lab._checks import positive_int
 from moe_lab.layers.dense import DenseMoE
 from moe_lab.layers.registry import register_layer
 from moe_lab.layers.topk import TopKMoE
+from moe_lab.profiles import Profile
 
 MOE_KINDS = ("soft", "topk")
 
@@ -186,3 +193,74 @@ class LanguageModelMoE(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.output(self.norm(x))
+
+
+@register_layer
+class ContextFreeLM(nn.Module):
+    """The deck's language model (slide 11): ``output(moe(embedding(token)))`` at every position.
+
+    Each position sees only its own token, so the best it can learn is the next-token
+    distribution given the current token (a bigram model): the baseline that shows whether a
+    model with attention uses context at all. ``moe`` is a :class:`moe_lab.DenseMoE` of
+    ``num_experts`` linear experts of width ``expert_size``; ``output`` has a bias.
+
+    Shapes: ``tokens`` ``(batch, time)`` int64 ids; logits ``(batch, time, vocab_size)``.
+    """
+
+    def __init__(self, vocab_size: int, num_experts: int = 4, expert_size: int = 256,
+                 embedding_dim: int = 128):
+        super().__init__()
+        positive_int("vocab_size", vocab_size)
+        positive_int("embedding_dim", embedding_dim)
+        self.config = dict(vocab_size=vocab_size, num_experts=num_experts, expert_size=expert_size,
+                           embedding_dim=embedding_dim)
+        self.embedding = nn.Embedding(vocab_size, embedding_dim)
+        self.moe = DenseMoE(num_experts, embedding_dim, expert_size, embedding_dim)
+        self.output = nn.Linear(embedding_dim, vocab_size)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.long:
+            raise TypeError("tokens must be an int64 tensor of shape (batch, time)")
+        return self.output(self.moe(self.embedding(tokens)))
+
+
+def _check_profile(profile) -> None:
+    if not isinstance(profile, Profile):
+        raise TypeError(f"profile must be a moe_lab.profiles.Profile (from get_profile()), "
+                        f"got {type(profile).__name__}")
+
+
+def build_image_classifier(profile: Profile, num_classes: int = 10, **overrides) -> ImageClassifierMoE:
+    """The course's CIFAR-10 classifier with ``profile``'s sizes: conv features, a top-``cifar_k``
+    :class:`moe_lab.TopKMoE` with the Switch balance loss (``cifar_balance_loss_weight``), a
+    linear head. ``overrides`` replace constructor arguments of :class:`ImageClassifierMoE`
+    (e.g. ``num_experts``, ``expert_size`` for a smaller recipient)."""
+    _check_profile(profile)
+    options = dict(num_experts=profile.cifar_num_experts, expert_size=profile.cifar_expert_size,
+                   channels=profile.cifar_channels, pool_size=profile.cifar_pool_size,
+                   hidden_size=profile.cifar_hidden_size, moe=profile.cifar_moe, k=profile.cifar_k,
+                   moe_options={"balance_loss_weight": profile.cifar_balance_loss_weight}
+                   if profile.cifar_moe == "topk" else None)
+    options.update(overrides)
+    return ImageClassifierMoE(num_classes, **options)
+
+
+def build_language_model(profile: Profile, vocab_size: int, **overrides) -> LanguageModelMoE:
+    """The course's WikiText-2 Transformer with ``profile``'s ``lm_*`` sizes: top-``lm_k`` MoE
+    feed-forward blocks with the Switch balance loss, context ``lm_context``. ``overrides``
+    replace constructor arguments of :class:`LanguageModelMoE`."""
+    _check_profile(profile)
+    options = dict(num_experts=profile.lm_num_experts, expert_size=profile.lm_expert_size,
+                   embedding_dim=profile.lm_embedding_dim, num_layers=profile.lm_num_layers,
+                   num_heads=profile.lm_num_heads, context_size=profile.lm_context, k=profile.lm_k,
+                   dropout=profile.lm_dropout, tie_weights=profile.lm_tie_weights,
+                   moe_options={"balance_loss_weight": profile.lm_balance_loss_weight})
+    options.update(overrides)
+    return LanguageModelMoE(vocab_size, **options)
+
+
+def build_context_free_lm(profile: Profile, vocab_size: int) -> ContextFreeLM:
+    """The deck's context-free model (:class:`ContextFreeLM`) with the same embedding width,
+    experts and expert width as :func:`build_language_model`: the baseline to beat."""
+    _check_profile(profile)
+    return ContextFreeLM(vocab_size, profile.lm_num_experts, profile.lm_expert_size, profile.lm_embedding_dim)

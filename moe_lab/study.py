@@ -44,7 +44,7 @@ from moe_lab.evaluation import pareto_front
 from moe_lab.layers.base import mixture_layers
 from moe_lab.layers.topk import TopKMoE
 from moe_lab.measure import latency
-from moe_lab.models import ImageClassifierMoE, LanguageModelMoE
+from moe_lab.models import build_image_classifier, build_language_model
 from moe_lab.profiles import Profile, get_profile
 from moe_lab.training import evaluate, seed_everything, train
 
@@ -77,35 +77,26 @@ def build_task(name: str, profile: Profile, data_dir: str | None = None) -> Stud
         return StudyTask(name, lambda: TopKMoE(8, 32, 128, task.num_classes, k=2, activation="relu",
                                                balance_loss_weight=0.01),
                          task.train, task.test, task.x_train[:512], "classification",
-                         dict(epochs=profile.synthetic_epochs, lr=profile.synthetic_lr,
-                              batch_size=profile.synthetic_batch_size))
+                         profile.train_options("synthetic"))
     if name == "cifar10":
-        from moe_lab.data import augment_images, load_cifar10, to_image_tensor
+        from moe_lab.data import load_cifar10, to_image_tensor
 
         data = load_cifar10(data_dir, train_per_class=profile.cifar_train_per_class,
                             test_per_class=profile.cifar_test_per_class)
         x_train, x_test = to_image_tensor(data.x_train), to_image_tensor(data.x_test)
         y_train, y_test = torch.as_tensor(data.y_train), torch.as_tensor(data.y_test)
-        return StudyTask(name, lambda: ImageClassifierMoE(
-            10, profile.cifar_num_experts, profile.cifar_expert_size, channels=profile.cifar_channels,
-            pool_size=profile.cifar_pool_size, hidden_size=profile.cifar_hidden_size),
-            (x_train, y_train), (x_test, y_test), x_train[:256], "classification",
-            dict(epochs=profile.cifar_epochs, lr=profile.cifar_lr, batch_size=profile.cifar_batch_size,
-                 transform=augment_images, schedule=True))
+        return StudyTask(name, lambda: build_image_classifier(profile),
+                         (x_train, y_train), (x_test, y_test), x_train[:256], "classification",
+                         profile.train_options("cifar10"))
     if name == "wikitext2":
         from moe_lab.data import load_wikitext2, make_lm_blocks
 
-        text = load_wikitext2(data_dir, max_train_tokens=profile.lm_train_tokens,
-                              max_test_tokens=profile.lm_eval_tokens)
+        text = load_wikitext2(data_dir, **profile.wikitext_options())
         train_blocks = make_lm_blocks(text.train, profile.lm_context)
         test_blocks = make_lm_blocks(text.test, profile.lm_context)
-        return StudyTask(name, lambda: LanguageModelMoE(
-            len(text.vocab), profile.lm_num_experts, profile.lm_expert_size, profile.lm_embedding_dim,
-            num_layers=profile.lm_num_layers, num_heads=profile.lm_num_heads, context_size=profile.lm_context,
-            moe_options={"balance_loss_weight": 0.01}),
-            train_blocks, test_blocks, train_blocks[0][:64], "language_model",
-            dict(epochs=100, max_steps=profile.lm_steps, lr=profile.lm_lr, batch_size=profile.lm_batch_size,
-                 schedule=True))
+        return StudyTask(name, lambda: build_language_model(profile, len(text.vocab)),
+                         train_blocks, test_blocks, train_blocks[0][:64], "language_model",
+                         profile.train_options("wikitext2"))
     raise ValueError(f"task must be one of {TASKS}, got {name!r}")
 
 

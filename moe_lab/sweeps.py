@@ -159,15 +159,20 @@ class FeatureCache:
 def to_topk(model: nn.Module, k: int) -> nn.Module:
     """A copy of ``model`` whose :class:`DenseMoE` ``moe`` runs as a :class:`TopKMoE` with the same
     trained experts, router and output: each input uses its ``k`` highest-gated experts, their
-    gates renormalised (``softmax_topk``). With ``k == num_experts`` it computes the same function."""
-    if not isinstance(getattr(model, "moe", None), DenseMoE):
-        raise TypeError("model.moe must be a DenseMoE")
+    gates renormalised (``softmax_topk``). With ``k == num_experts`` it computes the same function.
+    A :class:`TopKMoE` ``moe`` (the course's CIFAR-10 model) keeps its own routing rule with ``k``
+    experts per input instead (``k == num_experts``: every expert runs, its softmax over all)."""
+    if not isinstance(getattr(model, "moe", None), (DenseMoE, TopKMoE)):
+        raise TypeError("model.moe must be a DenseMoE or a TopKMoE")
     dense = model.moe
     cfg = dense.config
     if not 1 <= k <= cfg["num_experts"]:
         raise ValueError(f"k must be in [1, {cfg['num_experts']}], got {k}")
-    routed = TopKMoE(cfg["num_experts"], cfg["input_size"], cfg["expert_size"], cfg["output_size"], k=k,
-                     activation=cfg["activation"], routing="softmax_topk")
+    if isinstance(dense, TopKMoE):
+        routed = TopKMoE(**{**cfg, "k": k})
+    else:
+        routed = TopKMoE(cfg["num_experts"], cfg["input_size"], cfg["expert_size"], cfg["output_size"], k=k,
+                         activation=cfg["activation"], routing="softmax_topk")
     routed.load_state_dict(dense.state_dict())
     out = copy.deepcopy(model)
     out.moe = routed

@@ -74,7 +74,25 @@ def test_to_topk_same_weights(setup):
     with pytest.raises(ValueError):
         to_topk(model, 5)
     with pytest.raises(TypeError):
-        to_topk(one, 1)
+        to_topk(model.features, 1)
+
+
+def test_to_topk_changes_k_of_a_routed_model():
+    torch.manual_seed(0)
+    routed = ImageClassifierMoE(10, num_experts=4, expert_size=8, channels=(4,), hidden_size=8, moe="topk",
+                                k=2, moe_options={"balance_loss_weight": 0.01}).eval()
+    images = torch.randn(6, 3, 32, 32)
+    one, every = to_topk(routed, 1), to_topk(routed, 4)
+    assert one.moe.k == 1 and one.config["k"] == 1 and routed.moe.k == 2  # the original is untouched
+    assert one.moe.config["balance_loss_weight"] == 0.01
+    torch.testing.assert_close(to_topk(routed, 2)(images), routed(images))
+    with torch.no_grad():  # every expert: the softmax over all gates, as a dense mixture of the same weights
+        feats = routed.embed(images)
+        gates = routed.moe.gating(feats).softmax(-1)
+        hidden = torch.stack([torch.relu(e(feats)) for e in routed.moe.experts], 1)
+        want = routed.classifier(torch.relu(routed.moe.output((gates[..., None] * hidden).sum(1))))
+    torch.testing.assert_close(every(images), want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(one(images), routed(images))
 
 
 def test_run_sweep_and_table(setup):
