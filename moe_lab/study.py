@@ -27,9 +27,7 @@ import os
 import platform
 import re
 import shutil
-import time
 import uuid
-from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -42,62 +40,12 @@ from moe_lab.compress.pipeline import FineTune, compress
 from moe_lab.compress.recipes import normalize_recipe, parse_recipe
 from moe_lab.evaluation import pareto_front
 from moe_lab.layers.base import mixture_layers
-from moe_lab.layers.topk import TopKMoE
 from moe_lab.measure import latency
-from moe_lab.models import build_image_classifier, build_language_model
-from moe_lab.profiles import Profile, get_profile
-from moe_lab.training import evaluate, seed_everything, train
+from moe_lab.profiles import get_profile
+from moe_lab.tasks import TASKS, Task, build_task, trained_model
+from moe_lab.training import evaluate, seed_everything
 
-TASKS = ("synthetic", "cifar10", "wikitext2")
-
-
-@dataclass
-class StudyTask:
-    """Everything a study needs for one task."""
-
-    name: str
-    make_model: object
-    train_data: tuple
-    test_data: tuple
-    calibration: torch.Tensor
-    kind: str  # "classification" or "language_model"
-    train_options: dict = field(default_factory=dict)
-
-    @property
-    def metric(self) -> str:
-        return "accuracy" if self.kind == "classification" else "perplexity"
-
-
-def build_task(name: str, profile: Profile, data_dir: str | None = None) -> StudyTask:
-    """Data, model factory and training settings for ``name`` under ``profile``."""
-    if name == "synthetic":
-        from moe_lab.data import make_clustered_task
-
-        task = make_clustered_task(profile.synthetic_train, profile.synthetic_test, input_size=32, seed=0)
-        return StudyTask(name, lambda: TopKMoE(8, 32, 128, task.num_classes, k=2, activation="relu",
-                                               balance_loss_weight=0.01),
-                         task.train, task.test, task.x_train[:512], "classification",
-                         profile.train_options("synthetic"))
-    if name == "cifar10":
-        from moe_lab.data import load_cifar10, to_image_tensor
-
-        data = load_cifar10(data_dir, train_per_class=profile.cifar_train_per_class,
-                            test_per_class=profile.cifar_test_per_class)
-        x_train, x_test = to_image_tensor(data.x_train), to_image_tensor(data.x_test)
-        y_train, y_test = torch.as_tensor(data.y_train), torch.as_tensor(data.y_test)
-        return StudyTask(name, lambda: build_image_classifier(profile),
-                         (x_train, y_train), (x_test, y_test), x_train[:256], "classification",
-                         profile.train_options("cifar10"))
-    if name == "wikitext2":
-        from moe_lab.data import load_wikitext2, make_lm_blocks
-
-        text = load_wikitext2(data_dir, **profile.wikitext_options())
-        train_blocks = make_lm_blocks(text.train, profile.lm_context)
-        test_blocks = make_lm_blocks(text.test, profile.lm_context)
-        return StudyTask(name, lambda: build_language_model(profile, len(text.vocab)),
-                         train_blocks, test_blocks, train_blocks[0][:64], "language_model",
-                         profile.train_options("wikitext2"))
-    raise ValueError(f"task must be one of {TASKS}, got {name!r}")
+StudyTask = Task  # the name before moe_lab.tasks existed
 
 
 class StudyError(ValueError):
@@ -237,12 +185,11 @@ def run_study(task_name: str, recipes: list[str], out: str | Path, *, profile: s
                 except (ValueError, TypeError) as error:
                     raise StudyError(f"--recipe {given!r} does not apply to the {task_name} model: "
                                      f"{error}") from None
-            seed_everything(seed)
-            model = task.make_model()
-            say(f"training the base {type(model).__name__} on {task_name} ({prof.name} profile) ...")
-            start = time.perf_counter()
-            train(model, task.train_data, task=task.kind, progress=progress, seed=seed, **task.train_options)
-            say(f"trained in {time.perf_counter() - start:.0f} s")
+            say(f"training the base model on {task_name} ({prof.name} profile) ...")
+            base_model = trained_model(task, seed=seed, progress=progress)
+            model = base_model.model.train()
+            say(f"trained in {base_model.seconds:.0f} s" if base_model.source == "trained"
+                else f"loaded the trained base model from {base_model.path}")
         report = _compress_all(model, task, parsed, work, out, say)
         report.update({"task": task_name, "profile": prof.name, "seed": seed, "base": None if base is None
                        else str(Path(base).absolute()), "torch_threads": torch.get_num_threads(),
