@@ -12,14 +12,15 @@ result is the ratio of medians, measured in one run. Run with ``make bench-hf``.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _timing import time_contenders  # noqa: E402
 
 from moe_lab.hf import from_hf  # noqa: E402
 
@@ -39,20 +40,6 @@ def deepseek_block(args, implementation: str):
             p.normal_(0, 0.02)
         block.gate.e_score_correction_bias.normal_(0, 0.01)
     return block
-
-
-def time_contenders(contenders: dict, x: torch.Tensor, rounds: int) -> dict[str, float]:
-    """Median seconds per call of each contender, timed in interleaved rounds after two warm-ups."""
-    times = {name: [] for name in contenders}
-    for _ in range(2):
-        for fn in contenders.values():
-            fn(x)
-    for _ in range(rounds):
-        for name, fn in contenders.items():
-            start = time.perf_counter()
-            fn(x)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 @torch.no_grad()

@@ -15,15 +15,16 @@ physically out of reach where ``eager/floor`` is below 1.1.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _timing import time_contenders  # noqa: E402
 
 from moe_lab.hf import from_hf  # noqa: E402
 
@@ -62,20 +63,11 @@ def bench(tokens: int, hidden: int, inner: int, experts: int, k: int, rounds: in
             F.linear(inner_rows, w_down)
 
     contenders = {"moe_lab": ours, "hf eager": eager, "hf grouped_mm": grouped, "floor": floor}
-    times = {name: [] for name in contenders}
     with torch.no_grad():
         reference = eager(x)
         diffs = {name: float((fn(x) - reference).abs().max()) for name, fn in contenders.items()
                  if name != "floor"}
-        for _ in range(2):
-            for fn in contenders.values():
-                fn(x)
-        for _ in range(rounds):
-            for name, fn in contenders.items():
-                start = time.perf_counter()
-                fn(x)
-                times[name].append(time.perf_counter() - start)
-    median = {name: statistics.median(t) for name, t in times.items()}
+        median = time_contenders(contenders, x, rounds)
     return {"tokens": tokens, "median_s": median, "max_abs_diff": diffs,
             "eager_over_moe_lab": median["hf eager"] / median["moe_lab"],
             "grouped_over_moe_lab": median["hf grouped_mm"] / median["moe_lab"],
