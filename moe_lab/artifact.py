@@ -22,7 +22,6 @@ load, with a warning that their weights are unverified; saving again upgrades th
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -39,6 +38,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import moe_lab.models  # noqa: F401  (registers the case-study models)
+from moe_lab.data.paths import sha256
 from moe_lab.layers.registry import LAYERS
 
 FORMAT = "moe_lab-artifact"
@@ -366,14 +366,6 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     return unique, aliases
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _new_file(folder: Path, name: str) -> tuple[Path, int]:
     """A fresh, empty temporary file beside ``folder / name`` and the mode the umask gives it
     (``0o644`` with the usual ``022``)."""
@@ -405,7 +397,7 @@ def save(model: nn.Module, path: str | Path) -> Path:
         save_file(unique, str(weights), metadata={"format": FORMAT})
         os.chmod(weights, mode)  # safetensors writes 0600 whatever the umask
         config = {"format": FORMAT, "version": VERSION, "class": root["class"], "config": root["config"],
-                  "aliases": aliases, "modules": modules, "weights_sha256": _sha256(weights)}
+                  "aliases": aliases, "modules": modules, "weights_sha256": sha256(weights)}
         text, _ = _new_file(folder, CONFIG)
         temporary.append(text)
         text.write_text(json.dumps(config, sort_keys=True, separators=(",", ":")))
@@ -613,7 +605,7 @@ def load(path: str | Path) -> nn.Module:
         raise ValueError(f"{config_path}: {error}") from None
     _check_against(model, tensors, aliases, weights, config_path)
     if config["version"] >= 2:
-        if _sha256(weights) != config["weights_sha256"]:
+        if sha256(weights) != config["weights_sha256"]:
             raise _damaged(weights, "sha256", f"does not match weights_sha256 in {CONFIG}: the file is "
                                               f"damaged or was changed after saving")
     else:
