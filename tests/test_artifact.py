@@ -184,7 +184,7 @@ def rewrite_weights(folder, change):
     change(tensors)
     save_file(tensors, str(folder / "model.safetensors"))
     config = read_config(folder)
-    config["weights_sha256"] = artifact._sha256(folder / "model.safetensors")
+    config["weights_sha256"] = artifact.sha256(folder / "model.safetensors")
     write_config(folder, config)
 
 

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from moe_lab import LanguageModelMoE, TopKMoE, load, save
-from moe_lab.artifact import _sha256
 from moe_lab.compress import Quantize, compress
+from moe_lab.data.paths import sha256
 
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -115,7 +115,7 @@ def test_mutated_header_with_a_matching_checksum(templates, data, which):
         text = json.dumps(header).encode()
         weights.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + length:])
         config = json.loads((folder / "config.json").read_text())
-        config["weights_sha256"] = _sha256(weights)  # a consistent edit: only the checks can catch it
+        config["weights_sha256"] = sha256(weights)  # a consistent edit: only the checks can catch it
         (folder / "config.json").write_text(json.dumps(config))
         check(folder)
     finally:

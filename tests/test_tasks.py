@@ -1,4 +1,4 @@
-"""moe_lab.tasks: one definition of each task, and trained base models cached by everything that decides them."""
+"""moe_lab.tasks: one definition per task; trained base models cached by all that decides them."""
 
 import dataclasses
 import json
@@ -12,7 +12,8 @@ from moe_lab.tasks import Task, build_task, cache_key, trained_model
 
 @pytest.fixture
 def task():
-    profile = dataclasses.replace(get_profile("ci"), synthetic_train=256, synthetic_test=64, synthetic_epochs=1)
+    profile = dataclasses.replace(get_profile("ci"), synthetic_train=256, synthetic_test=64,
+                                  synthetic_epochs=1)
     return build_task("synthetic", profile)
 
 
@@ -40,7 +41,8 @@ def test_second_call_loads_the_same_weights_from_the_cache(task, tmp_path):
 
 
 def test_key_changes_with_profile_seed_and_task(task):
-    other_profile = build_task("synthetic", dataclasses.replace(task.profile, synthetic_lr=task.profile.synthetic_lr / 2))
+    slower = dataclasses.replace(task.profile, synthetic_lr=task.profile.synthetic_lr / 2)
+    other_profile = build_task("synthetic", slower)
     assert cache_key(task) != cache_key(other_profile)
     assert cache_key(task, seed=0) != cache_key(task, seed=1)
     assert cache_key(task) == cache_key(build_task("synthetic", task.profile))
